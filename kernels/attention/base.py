@@ -1,0 +1,106 @@
+"""The attention-backend interface: plan once per step, run once per layer.
+
+Every backend (torch reference, FlashInfer, Triton) implements `AttentionBackend`. The model
+calls `backend.forward(layer, q, k, v)` and never sees block tables or where KV lives; the model
+runner builds one `AttentionMetadata` per step and calls `backend.plan(metadata)` once before the
+first layer.
+
+Paged KV layout (owned by `kvcache.layout`): one tensor per worker,
+    kv_cache: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+"block-major": all layers of one block are one contiguous region, so a run of consecutive
+block ids is one contiguous region for KV transfer. A layer's view `kv_cache[:, layer]` is the
+FlashInfer NHD paged layout [num_pages, 2, page_size, num_kv_heads, head_dim] with a page stride
+of num_layers * 2 * block_size * num_kv_heads * head_dim elements.
+
+Batch layout: the T tokens of a step are packed sequence after sequence. Sequences with exactly
+one new token (decodes) come first, so backends can treat `[:num_decode_tokens]` as a pure decode
+batch and the rest as (chunked) prefill.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch description. Device tensors live on the model's device; the `*_cpu`
+    lists are host copies built alongside them (never read back from the device).
+
+    query_start_loc: [num_seqs + 1] int32, prefix sums of per-sequence new-token counts.
+    seq_lens:        [num_seqs] int32, context length of each sequence *after* this step
+                     (cached tokens + new tokens); the new tokens are the last ones.
+    block_tables:    [num_seqs, max_blocks_per_seq] int32, padded with 0 (never read past
+                     seq_lens).
+    slot_mapping:    [num_tokens] int64, flat slot (block_id * block_size + offset) where each
+                     new token's K/V is stored.
+    """
+
+    num_seqs: int
+    num_decode_seqs: int  # the first num_decode_seqs sequences have exactly one new token
+    num_tokens: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    query_start_loc_cpu: list[int]
+    block_size: int
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decode_seqs
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_cpu, default=0)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_cpu, default=0)
+
+
+class AttentionBackend(ABC):
+    """Computes causal paged attention and stores the step's K/V into the cache.
+
+    Contract:
+    - `plan(metadata)` is called once per step before any `forward`; it may build
+      auxiliary index structures. It must not allocate per-layer state.
+    - `forward(layer, q, k, v)` first writes k/v into `kv_cache[:, layer]` at
+      `metadata.slot_mapping`, then returns attention of each query over its sequence's first
+      `seq_len - query_len + i + 1` tokens (causal). Shapes:
+        q: [num_tokens, num_heads, head_dim], k/v: [num_tokens, num_kv_heads, head_dim]
+        returns [num_tokens, num_heads * head_dim], dtype of q.
+    - Backends are single-stream and not thread-safe; one per model runner.
+    """
+
+    name: str = "abstract"
+
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float | None = None,
+    ) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.kv_cache = kv_cache
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.metadata: AttentionMetadata | None = None
+
+    def plan(self, metadata: AttentionMetadata) -> None:
+        self.metadata = metadata
+
+    @abstractmethod
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor: ...

@@ -1,0 +1,81 @@
+"""Reference paged attention in plain torch: runs on CPU and GPU, used by tests as the ground
+truth for the fast backends and as the CPU serving path.
+
+Decodes (query length 1) are batched: one gather of each sequence's blocks for the layer, one
+masked SDPA call. Prefill chunks are looped per sequence (one SDPA each) — prefill is
+compute-bound, so the loop costs little next to the matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.attention.base import AttentionBackend, AttentionMetadata
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def plan(self, metadata: AttentionMetadata) -> None:
+        self.metadata = m = metadata
+        bs = m.block_size
+        self._store_blocks = torch.div(m.slot_mapping, bs, rounding_mode="floor")
+        self._store_offsets = m.slot_mapping % bs
+        nd = m.num_decode_seqs
+        if nd:
+            max_ctx = max(m.seq_lens_cpu[:nd])
+            nblk = -(-max_ctx // bs)
+            self._dec_tables = m.block_tables[:nd, :nblk]
+            pos = torch.arange(nblk * bs, device=m.seq_lens.device)
+            # [nd, 1, 1, S] True where the key position exists
+            self._dec_mask = (pos[None, :] < m.seq_lens[:nd, None])[:, None, None, :]
+        self._prefill: list[tuple[int, int, int, torch.Tensor, torch.Tensor | None]] = []
+        starts = m.query_start_loc_cpu
+        for i in range(nd, m.num_seqs):
+            ql, sl = m.query_lens_cpu[i], m.seq_lens_cpu[i]
+            nblk = -(-sl // bs)
+            mask = None
+            if sl != ql:  # cached prefix: query i sees keys [0, sl - ql + i]
+                qpos = torch.arange(sl - ql, sl, device=m.seq_lens.device)
+                kpos = torch.arange(sl, device=m.seq_lens.device)
+                mask = kpos[None, :] <= qpos[:, None]
+            self._prefill.append((starts[i], ql, sl, m.block_tables[i, :nblk], mask))
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        m = self.metadata
+        assert m is not None, "plan() must be called before forward()"
+        cache = self.kv_cache[:, layer]  # [num_blocks, 2, block_size, Hkv, D]
+        cache[self._store_blocks, 0, self._store_offsets] = k
+        cache[self._store_blocks, 1, self._store_offsets] = v
+        t = q.shape[0]
+        out = torch.empty(t, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
+        nd = m.num_decode_seqs
+        gqa = self.num_heads != self.num_kv_heads
+        if nd:
+            kv = cache[self._dec_tables]  # [nd, nblk, 2, bs, Hkv, D]
+            kv = kv.transpose(1, 2).flatten(2, 3)  # [nd, 2, S, Hkv, D]
+            keys = kv[:, 0].transpose(1, 2)  # [nd, Hkv, S, D]
+            vals = kv[:, 1].transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q[:nd].unsqueeze(2),  # [nd, H, 1, D]
+                keys,
+                vals,
+                attn_mask=self._dec_mask,
+                scale=self.scale,
+                enable_gqa=gqa,
+            )
+            out[:nd] = o.squeeze(2)
+        for start, ql, sl, table, mask in self._prefill:
+            kv = cache[table].transpose(0, 1).flatten(1, 2)[:, :sl]  # [2, sl, Hkv, D]
+            o = F.scaled_dot_product_attention(
+                q[start : start + ql].transpose(0, 1),  # [H, ql, D]
+                kv[0].transpose(0, 1),
+                kv[1].transpose(0, 1),
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=self.scale,
+                enable_gqa=gqa,
+            )
+            out[start : start + ql] = o.transpose(0, 1)
+        return out.view(t, self.num_heads * self.head_dim)

@@ -1,0 +1,106 @@
+"""`pdserve` command line: generate (offline), serve (API + workers), env (capabilities)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB, 4GiB")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from server.engine.engine import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        attention_backend=args.attention_backend,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from server.engine.llm import LLM
+    from server.engine.sampling_params import SamplingParams
+
+    llm = LLM(engine_config_from_args(args))
+    prompt = args.prompt
+    ids = (llm.chat_prompt([{"role": "user", "content": prompt}]) if not args.raw
+           else llm.encode(prompt))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.sampling_seed, stop=args.stop or [])
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    reason = None
+    for delta in llm.stream(ids, params):
+        if first is None:
+            first = time.perf_counter()
+        n += len(delta.token_ids)
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+        reason = delta.finish_reason
+    end = time.perf_counter()
+    decode = (n - 1) / (end - first) if n > 1 and first else 0.0
+    print(f"\n\n[{len(ids)} prompt tokens, {n} generated, finish={reason}; "
+          f"TTFT {1e3 * ((first or end) - t0):.0f} ms, decode {decode:.1f} tok/s, "
+          f"{llm.engine.device} {str(llm.engine.dtype).removeprefix('torch.')}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text offline and print it as it streams")
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.add_argument("--stop", action="append")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_engine_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    try:
+        from server.api.launch import add_serve_args, run_serve
+    except ImportError:
+        pass
+    else:
+        s = sub.add_parser("serve", help="run the OpenAI-compatible server and its workers")
+        add_serve_args(s)
+        s.set_defaults(func=run_serve)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Token-centric continuous batching.
+
+Each step, every scheduled request advances `num_computed_tokens` towards `num_tokens` by
+`num_new_tokens` (1 for a decode, up to the token budget for a prefill chunk). Prefix-cache hits
+start a request with `num_computed_tokens > 0`; a later issue's remote KV does the same. When KV
+blocks run out, the most recently admitted running request is preempted (its blocks freed, its
+computed tokens reset to 0) and recomputed later: nothing ever fails for lack of blocks.
+
+Pure Python over `KVCacheManager`: no tensors, unit-tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from kvcache.manager import KVCacheManager
+from server.engine.outputs import RequestOutput, RequestTimings, TokenLogprobs
+from server.engine.request import FINISH_REASON, Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    # Longest prefill chunk one request may take in a step (0: up to the token budget). Keeps a
+    # long prompt from stalling the decodes that share the step.
+    long_prefill_token_threshold: int = 0
+
+
+class ScheduledRequest(NamedTuple):
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last known token, so it samples."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]  # decodes (1 new token) first, then prefill chunks
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.kv = kv
+        self.clock = clock
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    # -- admission / abort -----------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+        self.prompt_tokens += req.num_prompt_tokens
+
+    def abort(self, request_ids: Iterable[str]) -> list[Request]:
+        """Finish the given requests at once and free everything they hold. Unknown or already
+        finished ids are ignored (aborts race with completion)."""
+        aborted = []
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self.kv.free(rid)
+            req.status = RequestStatus.FINISHED_ABORTED
+            aborted.append(req)
+        return aborted
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- schedule ---------------------------------------------------------------------------
+
+    def _chunk(self, req: Request, budget: int) -> int:
+        n = min(req.num_tokens - req.num_computed_tokens, budget)
+        if self.config.long_prefill_token_threshold:
+            n = min(n, self.config.long_prefill_token_threshold)
+        return n
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        out = SchedulerOutput(scheduled=[])
+        # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self._chunk(req, budget)
+            while self.kv.allocate(req.request_id, req.num_computed_tokens + n) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, n))
+                budget -= n
+                i += 1
+                continue
+            break  # `req` itself was preempted: nothing after it is left to schedule
+        # 2. Waiting requests, in order, unless this step had to preempt (no room anyway).
+        while (
+            not out.preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            req = self.waiting[0]
+            match = self.kv.match_prefix(req.all_token_ids)
+            n = min(req.num_tokens - match.num_tokens, budget)
+            if self.config.long_prefill_token_threshold:
+                n = min(n, self.config.long_prefill_token_threshold)
+            if self.kv.allocate(req.request_id, match.num_tokens + n, match) is None:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = match.num_tokens
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = match.num_tokens
+                req.first_scheduled_time = self.clock()
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # decodes first (stable)
+        return out
+
+    # -- update -----------------------------------------------------------------------------
+
+    def update(
+        self,
+        out: SchedulerOutput,
+        sampled: dict[str, tuple[int, TokenLogprobs | None]],
+    ) -> list[RequestOutput]:
+        """Advance computed tokens, append sampled tokens, finish requests, cache full blocks.
+        `sampled` holds a token for exactly the scheduled requests whose `samples` was true."""
+        outputs: list[RequestOutput] = []
+        now = self.clock()
+        for req, n in out.scheduled:
+            req.num_computed_tokens += n
+            hit = sampled.get(req.request_id)
+            if hit is None:
+                self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+                continue
+            token, logprobs = hit
+            req.append_token(token)
+            self.generation_tokens += 1
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self._check_stop(req, token)
+            ro = RequestOutput(
+                request_id=req.request_id,
+                new_token_ids=[token],
+                new_logprobs=None if logprobs is None else [logprobs],
+                num_prompt_tokens=req.num_prompt_tokens,
+                num_cached_tokens=max(req.num_cached_tokens, 0),
+            )
+            if req.status.finished:
+                ro.finish_reason = FINISH_REASON[req.status]
+                ro.stop_reason = req.stop_reason
+                ro.timings = RequestTimings(
+                    arrival=req.arrival_time,
+                    first_scheduled=req.first_scheduled_time or now,
+                    first_token=req.first_token_time,
+                    finished=now,
+                    num_preemptions=req.num_preemptions,
+                )
+                self.running.remove(req)
+                del self.requests[req.request_id]
+                self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+                self.kv.free(req.request_id)
+            else:
+                self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            outputs.append(ro)
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        p = req.sampling_params
+        n_out = req.num_output_tokens
+        if n_out >= p.min_tokens:
+            if token in p.stop_token_ids:
+                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+                return
+            if not p.ignore_eos and token in req.eos_token_ids:
+                req.status = RequestStatus.FINISHED_STOPPED
+                return
+        if n_out >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH

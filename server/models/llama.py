@@ -1,0 +1,152 @@
+"""The Llama block family (Llama 2/3/3.1, Mistral, Qwen2/2.5, SmolLM2), written against the
+attention-backend interface: the model never sees block tables or where KV lives.
+
+Weights are stored fused (q|k|v and gate|up) so each projection is one matmul; `load_weights`
+takes Hugging Face tensor names and slices them into place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.attention.base import AttentionBackend
+from server.models.config import ModelConfig
+from server.models.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As transformers: normalise in float32, scale in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(x))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        x = x + self.o_proj(attn.forward(self.layer_id, q, k, v))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(
+            cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] int64 -> hidden states [T, hidden] (model dtype)."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rope, attn)
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] float32."""
+        return self.lm_head(self.norm(hidden)).float()
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the fused parameters. Every parameter must be
+        written exactly once (checked), so a truncated or mismatched checkpoint fails loudly."""
+        cfg = self.config
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        inter = cfg.intermediate_size
+        # (suffix in HF name, fused param suffix, row offset, rows)
+        fused = {
+            "self_attn.q_proj": ("qkv_proj", 0, q),
+            "self_attn.k_proj": ("qkv_proj", q, kv),
+            "self_attn.v_proj": ("qkv_proj", q + kv, kv),
+            "mlp.gate_proj": ("gate_up_proj", 0, inter),
+            "mlp.up_proj": ("gate_up_proj", inter, inter),
+        }
+        renamed = {"self_attn.o_proj": "o_proj", "mlp.down_proj": "down_proj"}
+        params = dict(self.named_parameters(remove_duplicate=False))
+        written: dict[str, int] = {}
+        expected_rows = {name: p.shape[0] for name, p in params.items()}
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if name.startswith("lm_head") and cfg.tie_word_embeddings:
+                continue
+            target, offset, rows = name, 0, None
+            if name.startswith("layers."):
+                _, idx, rest = name.split(".", 2)
+                module, _, kind = rest.rpartition(".")
+                if module in fused:
+                    fused_name, offset, rows = fused[module]
+                    target = f"layers.{idx}.{fused_name}.{kind}"
+                elif module in renamed:
+                    target = f"layers.{idx}.{renamed[module]}.{kind}"
+            if target not in params:
+                if "rotary_emb" in name:
+                    continue
+                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+            param = params[target]
+            rows = param.shape[0] if rows is None else rows
+            dst = param.data[offset : offset + rows]
+            if tuple(dst.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, "
+                    f"model {tuple(dst.shape)}"
+                )
+            dst.copy_(tensor)
+            written[target] = written.get(target, 0) + rows
+        missing = [
+            n
+            for n, p in params.items()
+            if written.get(n, 0) != expected_rows[n]
+            and not (n == "lm_head.weight" and cfg.tie_word_embeddings)
+        ]
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors for: {', '.join(missing[:8])}")
