@@ -1,0 +1,170 @@
+"""Scheduler logic on the CPU with a real KVCacheManager and no model: the "model" is the
+test, which feeds back a token for every request that samples."""
+
+from __future__ import annotations
+
+from kvcache.manager import KVCacheManager
+from server.engine.request import Request, RequestStatus
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
+
+BS = 4
+
+
+def make(num_blocks=64, **cfg) -> Scheduler:
+    config = SchedulerConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_model_len": 256, **cfg})
+    return Scheduler(config, KVCacheManager(num_blocks, BS), clock=lambda: 0.0)
+
+
+def req(rid: str, n_prompt: int, max_tokens=4, start=1, **kw) -> Request:
+    return Request(rid, list(range(start, start + n_prompt)), SamplingParams(max_tokens=max_tokens, **kw),
+                   eos_token_ids=frozenset({0}))
+
+
+def run_step(s: Scheduler, token: int = 7):
+    out = s.schedule()
+    sampled = {sr.request.request_id: (token, None) for sr in out.scheduled if sr.samples}
+    return out, s.update(out, sampled)
+
+
+def drain(s: Scheduler, max_steps=1000):
+    finished = {}
+    for _ in range(max_steps):
+        if not s.has_unfinished():
+            return finished
+        _, outs = run_step(s)
+        for o in outs:
+            if o.finished:
+                finished[o.request_id] = o
+    raise AssertionError("did not finish")
+
+
+def test_prefill_then_decode_one_token_per_step():
+    s = make()
+    r = req("a", 10, max_tokens=3)
+    s.add(r)
+    out, outs = run_step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 10)]
+    assert outs[0].new_token_ids == [7]
+    out, _ = run_step(s)
+    assert out.scheduled[0].num_new_tokens == 1
+    _, outs = run_step(s)
+    assert outs[0].finish_reason == "length" and r.num_output_tokens == 3
+    assert s.kv.num_free_blocks == s.kv.num_blocks
+    s.kv.check_integrity()
+
+
+def test_token_budget_chunks_prefill_and_decodes_go_first():
+    s = make(max_num_batched_tokens=16)
+    s.add(req("a", 5, max_tokens=10))
+    run_step(s)  # a prefilled
+    s.add(req("b", 40, start=100))
+    out, outs = run_step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 15)]
+    assert [o.request_id for o in outs] == ["a"]  # b is mid-prefill: no token yet
+    out, _ = run_step(s)
+    assert [x.num_new_tokens for x in out.scheduled] == [1, 15]
+    out, outs = run_step(s)
+    assert [x.num_new_tokens for x in out.scheduled] == [1, 10]
+    assert {o.request_id for o in outs} == {"a", "b"}
+
+
+def test_long_prefill_threshold_caps_chunks():
+    s = make(long_prefill_token_threshold=8)
+    s.add(req("a", 20))
+    sizes = [run_step(s)[0].scheduled[0].num_new_tokens for _ in range(3)]
+    assert sizes == [8, 8, 4]
+
+
+def test_max_num_seqs_limits_admission():
+    s = make(max_num_seqs=2)
+    for i in range(3):
+        s.add(req(f"r{i}", 4, start=10 * i + 1))
+    out, _ = run_step(s)
+    assert len(out.scheduled) == 2 and len(s.waiting) == 1
+    drain(s)
+    s.kv.check_integrity()
+
+
+def test_prefix_hit_skips_cached_tokens():
+    s = make()
+    s.add(req("a", 12, max_tokens=1))
+    drain(s)
+    b = req("b", 14, max_tokens=1)  # same first 12 tokens, then 2 more
+    s.add(b)
+    out, _ = run_step(s)
+    assert b.num_cached_tokens == 12
+    assert out.scheduled[0].num_new_tokens == 2
+
+
+def test_preemption_when_blocks_run_out_and_recompute():
+    s = make(num_blocks=6)  # 24 token slots
+    a, b = req("a", 8, max_tokens=12), req("b", 8, max_tokens=12, start=50)
+    s.add(a)
+    s.add(b)
+    finished = drain(s)
+    assert set(finished) == {"a", "b"}
+    assert s.num_preemptions > 0
+    assert a.num_output_tokens == 12 and b.num_output_tokens == 12
+    assert s.kv.num_free_blocks == 6
+    s.kv.check_integrity()
+
+
+def test_newest_request_is_preempted_first():
+    s = make(num_blocks=5)
+    s.add(req("old", 8, max_tokens=20))
+    run_step(s)
+    s.add(req("new", 8, max_tokens=20, start=50))
+    preempted = []
+    for _ in range(12):
+        out, _ = run_step(s)
+        preempted += [r.request_id for r in out.preempted]
+        if preempted:
+            break
+    assert preempted[0] == "new"
+
+
+def test_abort_in_every_state_frees_everything():
+    s = make(num_blocks=16, max_num_batched_tokens=8)
+    s.add(req("waiting", 4, start=200))
+    s.add(req("prefilling", 30, start=1))
+    s.add(req("decoding", 3, start=100))
+    run_step(s)  # prefilling takes the whole budget
+    s.abort(["prefilling"])
+    run_step(s)
+    run_step(s)
+    assert s.requests["decoding"].status == RequestStatus.RUNNING
+    s.add(req("queued", 4, start=300))
+    aborted = s.abort(["waiting", "decoding", "queued", "unknown"])
+    assert {r.request_id for r in aborted} <= {"waiting", "decoding", "queued"}
+    s.abort(list(s.requests))
+    assert not s.has_unfinished()
+    assert s.kv.num_free_blocks == 16
+    s.kv.check_integrity()
+
+
+def test_stop_conditions():
+    s = make()
+    s.add(req("eos", 4, max_tokens=10))
+    s.add(req("ignore", 4, max_tokens=3, start=20, ignore_eos=True))
+    s.add(req("min", 4, max_tokens=10, start=40, min_tokens=2))
+    s.add(req("stopid", 4, max_tokens=10, start=60, stop_token_ids=[0]))
+    outs = []
+    for _ in range(3):
+        out = s.schedule()
+        sampled = {sr.request.request_id: (0, None) for sr in out.scheduled if sr.samples}
+        outs += s.update(out, sampled)
+    fin = {o.request_id: o for o in outs if o.finished}
+    assert fin["eos"].finish_reason == "stop" and fin["eos"].stop_reason is None
+    assert fin["ignore"].finish_reason == "length"
+    assert fin["min"].finish_reason == "stop"  # EOS accepted once min_tokens=2 were generated
+    assert s.requests.get("min") is None
+    assert fin["stopid"].stop_reason == 0
+
+
+def test_max_model_len_finishes_with_length():
+    s = make(max_model_len=10)
+    r = req("a", 8, max_tokens=100)
+    s.add(r)
+    f = drain(s)
+    assert f["a"].finish_reason == "length" and r.num_tokens == 10
