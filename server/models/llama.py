@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels import ops
 from kernels.attention.base import AttentionBackend
 from server.models.config import ModelConfig
 from server.models.rope import RotaryEmbedding
@@ -24,11 +24,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As transformers: normalise in float32, scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (norm(x + residual), x + residual); without a residual, (norm(x), x)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps), x
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class DecoderLayer(nn.Module):
@@ -50,20 +52,24 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         rope: RotaryEmbedding,
         attn: AttentionBackend,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block with the residual carried separately (x, residual) so each norm
+        fuses the preceding add: the hidden state is read once per norm, not twice."""
         t = x.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(x))
+        h, residual = self.input_layernorm(x, residual)
+        qkv = self.qkv_proj(h)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
-        x = x + self.o_proj(attn.forward(self.layer_id, q, k, v))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        x = self.o_proj(attn.forward(self.layer_id, q, k, v))
+        h, residual = self.post_attention_layernorm(x, residual)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(h))), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -84,16 +90,17 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
-        """input_ids, positions: [T] int64 -> hidden states [T, hidden] (model dtype)."""
+        """input_ids, positions: [T] int64 -> final-normed hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, self.rope, attn)
-        return x
+            x, residual = layer(x, residual, positions, self.rope, attn)
+        return self.norm(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] float32."""
-        return self.lm_head(self.norm(hidden)).float()
+        """hidden [N, hidden] (normed) -> logits [N, vocab] float32."""
+        return self.lm_head(hidden).float()
 
     # -- weights ---------------------------------------------------------------------------
 

@@ -1,0 +1,46 @@
+"""Fused elementwise ops used by the model, with torch reference implementations.
+
+The model calls these functions only; a device-specific implementation (Triton on CUDA) can be
+installed with `set_impl(...)` at start-up. Each reference here is the ground truth the fast
+versions are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, H] -> [T, H] in x's dtype; normalised in float32 as transformers does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the residual add fused into the norm."""
+    s = x + residual
+    return rms_norm_ref(s, weight, eps), s
+
+
+def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] -> silu(gate) * up, [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+rms_norm = rms_norm_ref
+add_rms_norm = add_rms_norm_ref
+silu_and_mul = silu_and_mul_ref
+
+
+def set_impl(**impls) -> None:
+    """Replace op implementations, e.g. `set_impl(rms_norm=triton_rms_norm)`."""
+    g = globals()
+    for name, fn in impls.items():
+        if name not in ("rms_norm", "add_rms_norm", "silu_and_mul"):
+            raise KeyError(f"unknown op {name!r}")
+        g[name] = fn
