@@ -150,6 +150,7 @@ class Scheduler:
             if self.kv.allocate(req.request_id, match.num_tokens + n, match) is None:
                 break
             self.waiting.popleft()
+            self.kv.record_query(req.num_tokens, match.num_tokens)
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = match.num_tokens
             if req.num_cached_tokens < 0:

@@ -1,0 +1,366 @@
+"""Batched sampler: logits [N, V] -> one token id (and, on request, its logprobs) per row.
+
+Pipeline; each step runs only when some row of the batch needs it, so an all-greedy batch with no
+penalties costs one argmax:
+
+  1. min_tokens: EOS and stop token ids -> -inf until the row has generated min_tokens tokens.
+  2. penalties: repetition (HF/CTRL, over prompt + output tokens), then frequency and presence
+     (OpenAI, over output tokens).
+  3. greedy rows (temperature ~ 0): argmax of the penalized logits.
+  4. other rows: temperature, top-k, top-p, min-p, then the exponential race
+     argmax(probs / E) with E ~ Exp(1) i.i.d., an exact draw from probs (as in gpt-fast).
+  5. logprobs: from the log_softmax of the RAW logits (vLLM v1's default).
+
+All math is float32 on the logits' device; results reach the host in one device->host copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from server.engine.outputs import TokenLogprobs
+from server.engine.request import Request
+from server.engine.sampling_params import SamplingParams
+
+# Temperatures below this are greedy: dividing float32 logits by a smaller one can overflow to
+# inf, and softmax turns inf into NaN. Same threshold as vLLM.
+_GREEDY_EPS = 1e-5
+# Smallest uniform draw: keeps the Exp(1) noise -log(U) finite (at most ~87.3).
+_TINY = torch.finfo(torch.float32).tiny
+# Seeded rows' CPU draws go to a thread pool from this many values per step (~1 ms of RNG) on.
+_POOL_MIN_DRAWS = 1 << 18
+
+
+class SamplingRow(NamedTuple):
+    """What the sampler needs to know about one row of the logits."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]  # for repetition_penalty
+    output_token_ids: Sequence[int]  # for penalties and min_tokens
+    generator: torch.Generator | None = None  # per-request seeded; None = the sampler's own
+    eos_token_ids: frozenset[int] = frozenset()
+
+    @classmethod
+    def from_request(cls, req: Request) -> SamplingRow:
+        return cls(
+            params=req.sampling_params,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=req.output_token_ids,
+            generator=req.generator,
+            eos_token_ids=req.eos_token_ids,
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature < _GREEDY_EPS
+
+
+class SamplerOutput(NamedTuple):
+    token_ids: list[int]  # one per row
+    logprobs: list[TokenLogprobs | None]  # one per row; None where params.logprobs is None
+
+
+class Sampler:
+    """Samples one token per row of a logits batch.
+
+    `seed` seeds the generator shared by rows without their own generator (one per device,
+    created on first use); None seeds it from system entropy.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._pool: ThreadPoolExecutor | None = None  # for seeded rows' CPU draws; lazy
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """logits: [N, V], any float dtype, any device; rows: N entries, row i for logits[i]."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(
+                f"expected logits [N, V] with N = len(rows) = {len(rows)}, got {tuple(logits.shape)}"
+            )
+        n = len(rows)
+        if n == 0:
+            return SamplerOutput([], [])
+
+        # `.float()` aliases float32 input: every op below is out-of-place so the caller's logits
+        # (also needed raw for logprobs) are never modified.
+        x = logits.float()
+        x = _mask_until_min_tokens(x, rows)
+        x = _apply_penalties(x, rows)
+
+        random_rows = [i for i, row in enumerate(rows) if not row.greedy]
+        if not random_rows:
+            tokens = x.argmax(dim=-1)
+        elif len(random_rows) == n:
+            tokens = self._sample(x, rows)
+        else:
+            idx = torch.tensor(random_rows, device=x.device)
+            sampled = self._sample(x.index_select(0, idx), [rows[i] for i in random_rows])
+            # argmax over all N rows is cheaper than gathering the greedy ones first.
+            tokens = x.argmax(dim=-1).index_copy(0, idx, sampled)
+        return _to_host(logits, tokens, rows)
+
+    def _sample(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """x: [M, V] float32 penalized logits of non-greedy rows -> [M] int64 token ids."""
+        vocab = x.shape[1]
+        device = x.device
+
+        temperatures = [row.params.temperature for row in rows]
+        if any(t != 1.0 for t in temperatures):
+            x = x / _column(temperatures, device)
+
+        top_k = [row.params.top_k if 0 < row.params.top_k < vocab else vocab for row in rows]
+        top_p = [row.params.top_p for row in rows]
+        need_k = any(k < vocab for k in top_k)
+        need_p = any(p < 1.0 for p in top_p)
+        if need_k or need_p:
+            x = _apply_top_k_top_p(
+                x,
+                torch.tensor(top_k, device=device) if need_k else None,
+                torch.tensor(top_p, dtype=torch.float32, device=device) if need_p else None,
+            )
+
+        probs = torch.softmax(x, dim=-1)
+        min_p = [row.params.min_p for row in rows]
+        if any(p > 0.0 for p in min_p):
+            # The max-prob token always survives; no renormalization needed, since the
+            # exponential race below is invariant to scaling a row.
+            threshold = _column(min_p, device) * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+
+        return (probs / self._exponential_noise(rows, vocab, device)).argmax(dim=-1)
+
+    def _exponential_noise(
+        self, rows: Sequence[SamplingRow], vocab: int, device: torch.device
+    ) -> torch.Tensor:
+        """Exp(1) noise, [len(rows), V] float32 on `device`, as -log(U) with U ~ Uniform(0, 1)."""
+        # Uniform draws, not exponential_: on CPU exponential_ is several times slower, and the
+        # seeded rows below draw on CPU.
+        u = torch.empty(len(rows), vocab, device=device)
+        seeded = [(i, g) for i, row in enumerate(rows) if (g := row.generator) is not None]
+        shared = [i for i, row in enumerate(rows) if row.generator is None]
+        if not seeded:
+            u.uniform_(generator=self._shared_generator(device))
+        else:
+            own = self._draw_seeded([g for _, g in seeded], vocab)
+            u.index_copy_(0, torch.tensor([i for i, _ in seeded], device=device), own.to(device))
+            if shared:
+                draw = torch.empty(len(shared), vocab, device=device)
+                draw.uniform_(generator=self._shared_generator(device))
+                u.index_copy_(0, torch.tensor(shared, device=device), draw)
+        # U = 0 would give infinite noise: probs / noise = 0 for that token, which a row with a
+        # single surviving token (top_k = 1, say) would then lose to a masked one.
+        return u.clamp_min_(_TINY).log_().neg_()
+
+    def _draw_seeded(self, generators: Sequence[torch.Generator], vocab: int) -> torch.Tensor:
+        """Uniform(0, 1) draws, [len(generators), V] float32 on CPU, row j from generators[j].
+
+        Each seeded row draws V values from its own (CPU) generator whatever else is batched:
+        same seed and step -> same noise -> same token, on any device. CPU RNG is the slow part
+        (~1 ms per 128k-vocab row), so rows are drawn on a thread pool: uniform_ releases the GIL
+        and each generator is used by one thread only, which keeps every row's draw deterministic.
+        """
+        out = torch.empty(len(generators), vocab)
+
+        def draw(j: int) -> None:
+            out[j].uniform_(generator=generators[j])
+
+        # Small draws are not worth a thread handoff, and a generator shared by two rows would be
+        # advanced in a racy order: both are drawn in row order.
+        distinct = len({id(g) for g in generators}) == len(generators)
+        if len(generators) * vocab < _POOL_MIN_DRAWS or not distinct:
+            for j in range(len(generators)):
+                draw(j)
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sampler-rng"
+                )
+            list(self._pool.map(draw, range(len(generators))))
+        return out
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            if self._seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self._seed)
+            self._generators[device] = generator
+        return generator
+
+
+def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Per-row scalars as a [len(values), 1] float32 column, to broadcast over [N, V]."""
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+
+def _mask_until_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Set EOS and stop token ids to -inf in rows below min_tokens. x: [N, V] float32.
+
+    ignore_eos does not lift this (it only means "do not stop on EOS"), as in vLLM.
+    """
+    vocab = x.shape[1]
+    row_idx: list[int] = []
+    col_idx: list[int] = []
+    for i, row in enumerate(rows):
+        if len(row.output_token_ids) < row.params.min_tokens:
+            # Ids outside the logits cannot be sampled anyway; indexing with them would fail.
+            banned = {
+                t
+                for t in itertools.chain(row.eos_token_ids, row.params.stop_token_ids)
+                if 0 <= t < vocab
+            }
+            row_idx.extend([i] * len(banned))
+            col_idx.extend(banned)
+    if not row_idx:
+        return x
+    index = (torch.tensor(row_idx, device=x.device), torch.tensor(col_idx, device=x.device))
+    return x.index_put(index, torch.tensor(float("-inf"), device=x.device))
+
+
+def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Repetition, then frequency and presence penalties. x: [N, V] float32 -> [N, V] float32."""
+    repetition = [row.params.repetition_penalty for row in rows]
+    frequency = [row.params.frequency_penalty for row in rows]
+    presence = [row.params.presence_penalty for row in rows]
+    penalized = [
+        r != 1.0 or f != 0.0 or p != 0.0
+        for r, f, p in zip(repetition, frequency, presence, strict=True)
+    ]
+    if not any(penalized):
+        return x
+    vocab = x.shape[1]
+    device = x.device
+
+    # Rows without penalties contribute no tokens: less to copy and scatter.
+    output_counts = _token_counts(
+        [row.output_token_ids if pen else () for row, pen in zip(rows, penalized, strict=True)],
+        vocab,
+        device,
+    )
+    if any(r != 1.0 for r in repetition):
+        prompt_counts = _token_counts(
+            [
+                row.prompt_token_ids if r != 1.0 else ()
+                for row, r in zip(rows, repetition, strict=True)
+            ],
+            vocab,
+            device,
+        )
+        seen = (prompt_counts + output_counts) > 0
+        penalty = _column(repetition, device)
+        # CTRL: push a seen token's logit toward "less likely" whatever its sign.
+        x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+    if any(f != 0.0 or p != 0.0 for f, p in zip(frequency, presence, strict=True)):
+        x = (
+            x
+            - _column(frequency, device) * output_counts
+            - _column(presence, device) * (output_counts > 0)
+        )
+    return x
+
+
+def _token_counts(
+    token_lists: Sequence[Sequence[int]], vocab: int, device: torch.device
+) -> torch.Tensor:
+    """Occurrences of each token id per row: [len(token_lists), V] float32 on `device`."""
+    n = len(token_lists)
+    counts = torch.zeros(n, vocab, dtype=torch.float32, device=device)
+    lengths = [len(tokens) for tokens in token_lists]
+    total = sum(lengths)
+    if total == 0:
+        return counts
+    # One flat list and one scatter_add for the whole ragged batch: (row, id) -> row * V + id.
+    # np.fromiter: ~4x faster than torch.tensor(list) on the Python ints of long prompts.
+    flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=total)
+    ids = torch.from_numpy(flat)
+    # output_size: without it repeat_interleave first computes the size itself, ~1000x slower.
+    row_of = torch.repeat_interleave(torch.arange(n), torch.tensor(lengths), output_size=total)
+    valid = (ids >= 0) & (ids < vocab)  # an id outside the logits has no logit to penalize
+    flat_index = (row_of * vocab + ids)[valid].to(device)
+    counts.view(-1).scatter_add_(0, flat_index, torch.ones(flat_index.shape, device=device))
+    return counts
+
+
+def _apply_top_k_top_p(
+    x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Mask logits outside each row's top-k, then outside its top-p nucleus; one sort.
+
+    x: [M, V] float32; top_k: [M] int64 in [1, V] (V = off); top_p: [M] float32 in (0, 1]
+    (1 = off). Ties with the k-th logit are all kept. The nucleus is the smallest set of most
+    likely tokens (after top-k) whose probability reaches top_p.
+    """
+    vocab = x.shape[1]
+    # Ascending, so that "top_p = 1" masks nothing but zero-probability tokens even with
+    # rounding in the cumulative sum, and rows with k = V index column 0 (the minimum).
+    x_sorted, order = x.sort(dim=-1, descending=False)
+    if top_k is not None:
+        kth_largest = x_sorted.gather(1, (vocab - top_k).unsqueeze(1))
+        x_sorted = x_sorted.masked_fill(x_sorted < kth_largest, float("-inf"))
+    if top_p is not None:
+        # Token j is outside the nucleus iff the tokens above it already carry >= top_p,
+        # i.e. the mass up to and including it is <= 1 - top_p.
+        cumulative = torch.softmax(x_sorted, dim=-1).cumsum(dim=-1)
+        outside = cumulative <= (1.0 - top_p).unsqueeze(1)
+        outside[:, -1] = False  # the most likely token always stays
+        x_sorted = x_sorted.masked_fill(outside, float("-inf"))
+    return torch.empty_like(x).scatter_(1, order, x_sorted)
+
+
+def _to_host(
+    logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow]
+) -> SamplerOutput:
+    """Bring tokens [N] int64 (and logprobs, from raw logits [N, V]) to the host in one copy."""
+    n = len(rows)
+    lp_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    if not lp_rows:
+        # SYNC: the sampler's one device->host copy.
+        return SamplerOutput(tokens.tolist(), [None] * n)
+
+    vocab = logits.shape[1]
+    if len(lp_rows) == n:
+        raw, chosen = logits, tokens
+    else:
+        idx = torch.tensor(lp_rows, device=logits.device)
+        raw, chosen = logits.index_select(0, idx), tokens.index_select(0, idx)
+    logprobs = torch.log_softmax(raw.float(), dim=-1)  # [M, V]
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))  # [M, 1]
+    rank = (logprobs > chosen_lp).sum(dim=-1) + 1  # [M]; tokens tied with it do not count
+    k_max = min(max(rows[i].params.logprobs or 0 for i in lp_rows), vocab)
+
+    # float64 holds int64 ids/ranks (< 2**53) and float32 logprobs exactly: one tensor, one copy.
+    parts = [tokens.double(), chosen_lp.squeeze(1).double(), rank.double()]
+    if k_max > 0:
+        top_lp, top_ids = logprobs.topk(k_max, dim=-1)  # [M, k_max], most likely first
+        parts += [top_ids.double().flatten(), top_lp.double().flatten()]
+    # SYNC: the sampler's one device->host copy.
+    flat = torch.cat(parts).tolist()
+
+    m = len(lp_rows)
+    token_ids = [int(t) for t in flat[:n]]
+    chosen_lps = flat[n : n + m]
+    ranks = flat[n + m : n + 2 * m]
+    top_ids_flat = flat[n + 2 * m : n + 2 * m + m * k_max]
+    top_lps_flat = flat[n + 2 * m + m * k_max :]
+    out: list[TokenLogprobs | None] = [None] * n
+    for j, i in enumerate(lp_rows):
+        k = min(rows[i].params.logprobs or 0, vocab)
+        start = j * k_max
+        out[i] = TokenLogprobs(
+            token_id=token_ids[i],
+            logprob=chosen_lps[j],
+            rank=int(ranks[j]),
+            top_token_ids=[int(t) for t in top_ids_flat[start : start + k]],
+            top_logprobs=top_lps_flat[start : start + k],
+        )
+    return SamplerOutput(token_ids, out)
