@@ -24,3 +24,11 @@ def gguf_path() -> str:
     from server.models.loader import embedded_model_path
 
     return str(embedded_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(gguf_path: str):
+    """The embedded model's tokenizer, built once: parsing the GGUF takes seconds."""
+    from server.models.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(gguf_path)

@@ -21,15 +21,20 @@ def hf_model(gguf_path: str, dtype: torch.dtype = torch.float32):
 
 @torch.inference_mode()
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([prompt_ids]),
-        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,  # never stop at EOS: compare the full length
-        do_sample=False,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt_ids) :].tolist()
+    """Greedy decoding through HF's own incremental KV cache, never stopping at EOS.
+
+    A plain loop rather than `generate(min_new_tokens=...)`: that would *mask* EOS, whereas
+    pdserve's `ignore_eos` only keeps going past it, so the two would legitimately differ."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    ids = torch.tensor([prompt_ids])
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        out.append(int(logits.argmax()))
+        ids = torch.tensor([[out[-1]]])
+    return out
 
 
 @torch.inference_mode()
