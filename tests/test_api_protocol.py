@@ -1,0 +1,194 @@
+"""Request parsing, prompt processing, SSE framing, error bodies and logprobs shapes, without a
+server (the real tokenizer of the embedded model; no worker)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from pydantic import ValidationError
+
+from server.api.errors import error_body
+from server.api.logprobs import CompletionLogprobs, chat_logprobs, merge_completion_logprobs
+from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.api.sse import DONE, sse_event
+from server.engine.outputs import TokenLogprobs
+from server.frontend.prompts import chat_prompt, completion_prompts, resolve_max_tokens
+from server.frontend.tokenizer_loader import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(None)
+
+
+def test_completion_request_maps_to_sampling_params():
+    req = CompletionRequest.model_validate(
+        {
+            "prompt": "hi",
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "top_k": 5,
+            "min_p": 0.1,
+            "seed": 7,
+            "stop": "\n",
+            "stop_token_ids": [2],
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.5,
+            "repetition_penalty": 1.2,
+            "ignore_eos": True,
+            "min_tokens": 2,
+            "user": "u",
+            "some_future_field": {"x": 1},
+        }
+    )
+    assert req.unknown_fields() == ["some_future_field"]
+    p = req.sampling_params(max_tokens=8, logprobs=3, vocab_size=100)
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (
+        8,
+        0.5,
+        0.9,
+        5,
+        0.1,
+        7,
+    )
+    assert p.stop == ["\n"] and p.stop_token_ids == [2] and p.ignore_eos and p.min_tokens == 2
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert p.logprobs == 3
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "x", "temperature": 3.0},
+        {"prompt": "x", "top_p": 0.0},
+        {"prompt": "x", "logprobs": 21},
+        {"prompt": "x", "stop_token_ids": [10**6]},
+        {"prompt": "x", "min_tokens": 9},
+        {"prompt": "x", "stop": [""]},
+    ],
+)
+def test_out_of_range_values_raise_value_error(body):
+    req = CompletionRequest.model_validate(body)
+    with pytest.raises(ValueError):
+        req.sampling_params(max_tokens=8, logprobs=req.logprobs, vocab_size=49152)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "x", "max_tokens": "many"},
+        {"prompt": "x", "temperature": "hot"},
+        {"prompt": 5},
+        {"prompt": "x", "n": 0},
+        {"messages": []},
+        {"messages": "hello"},
+    ],
+)
+def test_wrong_types_are_validation_errors(body):
+    model = ChatCompletionRequest if "messages" in body else CompletionRequest
+    with pytest.raises(ValidationError):
+        model.model_validate(body)
+
+
+def test_chat_cross_field_rules():
+    with pytest.raises(ValueError, match="top_logprobs"):
+        ChatCompletionRequest.model_validate(
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}
+        ).check()
+    req = ChatCompletionRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 5,
+            "max_completion_tokens": 7,
+            "logprobs": True,
+        }
+    )
+    assert req.requested_max_tokens() == 7 and req.requested_logprobs() == 0
+    with pytest.raises(ValueError, match="stream_options"):
+        CompletionRequest.model_validate(
+            {"prompt": "x", "stream_options": {"include_usage": True}}
+        ).check()
+
+
+def test_completion_prompt_forms(tokenizer):
+    one = completion_prompts(tokenizer, "Hello world")
+    assert [p.token_ids for p in one] == [tokenizer.encode("Hello world")] and one[
+        0
+    ].text == "Hello world"
+    assert [p.token_ids for p in completion_prompts(tokenizer, ["a", "b"])] == [
+        tokenizer.encode("a"),
+        tokenizer.encode("b"),
+    ]
+    assert completion_prompts(tokenizer, [1, 2, 3])[0].token_ids == [1, 2, 3]
+    assert [p.token_ids for p in completion_prompts(tokenizer, [[1], [2, 3]])] == [[1], [2, 3]]
+    for empty in ("", [], [[]]):
+        with pytest.raises(ValueError):
+            completion_prompts(tokenizer, empty)
+
+
+def test_chat_prompt_uses_the_models_template(tokenizer):
+    msgs = [{"role": "user", "content": "hi"}]
+    prompt = chat_prompt(tokenizer, msgs)
+    assert prompt.text.endswith("<|im_start|>assistant\n")
+    assert prompt.token_ids == tokenizer.encode(prompt.text, add_special_tokens=False)
+    cont = chat_prompt(
+        tokenizer,
+        [*msgs, {"role": "assistant", "content": "Hel"}],
+        add_generation_prompt=False,
+        continue_final_message=True,
+    )
+    assert cont.text.endswith("<|im_start|>assistant\nHel")
+    with pytest.raises(ValueError):
+        chat_prompt(
+            tokenizer, [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]
+        )
+
+
+def test_context_limits_name_both_numbers():
+    assert resolve_max_tokens(None, 10, 100) == 90
+    assert resolve_max_tokens(5, 10, 100) == 5
+    with pytest.raises(ValueError, match="100 tokens.*prompt has 100 tokens"):
+        resolve_max_tokens(None, 100, 100)
+    with pytest.raises(ValueError, match="100 tokens.*requested 101 tokens"):
+        resolve_max_tokens(91, 10, 100)
+    with pytest.raises(ValueError, match="at least 1"):
+        resolve_max_tokens(-1, 10, 100)
+
+
+def test_sse_framing_bytes():
+    assert sse_event({"a": 1, "b": "é\n"}) == b'data: {"a":1,"b":"\xc3\xa9\\n"}\n\n'
+    assert DONE == b"data: [DONE]\n\n"
+    assert msgspec.json.decode(sse_event(error_body(400, "bad"))[6:]) == {
+        "error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": 400}
+    }
+
+
+def test_logprobs_shapes():
+    texts = {1: "Hel", 2: "lo", 3: "p"}
+    lps = [
+        TokenLogprobs(1, -0.5, 1, [1, 3], [-0.5, -1.0]),
+        TokenLogprobs(2, float("-inf"), 4, [3], [-0.1]),
+    ]
+    acc = CompletionLogprobs(texts.__getitem__)
+    merged = merge_completion_logprobs([acc.prompt([3]), acc.generated(lps)])
+    assert merged["tokens"] == ["p", "Hel", "lo"]
+    assert merged["token_logprobs"] == [None, -0.5, -9999.0]
+    assert merged["top_logprobs"][0] is None
+    assert merged["top_logprobs"][1] == {"Hel": -0.5, "p": -1.0}
+    assert merged["top_logprobs"][2] == {
+        "p": -0.1,
+        "lo": -9999.0,
+    }  # the sampled token is always there
+    assert merged["text_offset"] == [0, 1, 4]
+    chat = chat_logprobs(texts.__getitem__, lps[:1])
+    assert chat == [
+        {
+            "token": "Hel",
+            "logprob": -0.5,
+            "bytes": list(b"Hel"),
+            "top_logprobs": [
+                {"token": "Hel", "logprob": -0.5, "bytes": list(b"Hel")},
+                {"token": "p", "logprob": -1.0, "bytes": list(b"p")},
+            ],
+        }
+    ]

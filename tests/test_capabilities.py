@@ -1,0 +1,143 @@
+"""Backend selection by device capability, on any host: the capability and import probes are
+monkeypatched, so the fallback chain FlashInfer (sm80+) → Triton (sm75+) → torch is checked
+without a GPU. Also `pdserve env` and the random-weight presets on the CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from kernels import capabilities
+from kernels.attention.selector import select_backend
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """Pretend a CUDA device of the given capability is present with the given modules."""
+
+    def setup(cap: tuple[int, int], modules=("triton", "flashinfer")) -> None:
+        monkeypatch.setattr(capabilities, "device_capability", lambda device: cap)
+        monkeypatch.setattr(capabilities, "module_available", lambda name: name in modules)
+        monkeypatch.delenv(capabilities.ENV_ATTENTION_BACKEND, raising=False)
+
+    return setup
+
+
+def test_hopper_picks_flashinfer(fake_device):
+    fake_device((9, 0))
+    assert capabilities.choose_attention_backend("auto", CUDA) == ("flashinfer", "fastest available")
+
+
+@pytest.mark.parametrize(
+    ("cap", "expected", "reason"),
+    [
+        ((7, 5), "triton", "flashinfer needs sm80+, this device is sm75"),
+        ((7, 0), "torch", "triton needs sm75+, this device is sm70"),
+    ],
+)
+def test_older_gpus_fall_back_and_log_why(fake_device, caplog, cap, expected, reason):
+    fake_device(cap)
+    with caplog.at_level(logging.INFO, logger="kernels.attention.selector"):
+        cls = select_backend("auto", CUDA)
+    assert cls.name == expected
+    lines = [r.getMessage() for r in caplog.records if r.name == "kernels.attention.selector"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"attention backend: {expected} (")
+    assert reason in lines[0]
+
+
+def test_missing_flashinfer_falls_back_to_triton(fake_device):
+    fake_device((9, 0), modules=("triton",))
+    choice = capabilities.choose_attention_backend("auto", CUDA)
+    assert choice == ("triton", "flashinfer cannot be imported")
+
+
+def test_missing_triton_falls_back_to_torch(fake_device):
+    fake_device((9, 0), modules=("flashinfer",))
+    choice = capabilities.choose_attention_backend("auto", CUDA)
+    assert choice.name == "torch"
+    assert "triton" in choice.why
+
+
+def test_request_and_env(fake_device, monkeypatch):
+    fake_device((7, 5))
+    # An explicit request falls down the chain from itself, saying so.
+    choice = capabilities.choose_attention_backend("flashinfer", CUDA)
+    assert choice.name == "triton"
+    assert choice.why.startswith("flashinfer requested, but flashinfer needs sm80+")
+    assert capabilities.choose_attention_backend("torch", CUDA) == ("torch", "requested")
+    # The environment variable stands in for "auto" only.
+    monkeypatch.setenv(capabilities.ENV_ATTENTION_BACKEND, "torch")
+    assert capabilities.choose_attention_backend("auto", CUDA) == ("torch", "requested")
+    assert capabilities.choose_attention_backend("triton", CUDA) == ("triton", "requested")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        capabilities.choose_attention_backend("cudnn", CUDA)
+
+
+def test_cpu_is_torch_without_probing(monkeypatch):
+    monkeypatch.delenv(capabilities.ENV_ATTENTION_BACKEND, raising=False)
+
+    def boom(name):
+        raise AssertionError("a CPU choice must not import GPU modules")
+
+    monkeypatch.setattr(capabilities, "module_available", boom)
+    choice = capabilities.choose_attention_backend("auto", torch.device("cpu"))
+    assert choice.name == "torch"
+    assert capabilities.triton_ops_usable(torch.device("cpu")).name == "torch"
+
+
+def test_env_report_lists_versions_and_choices():
+    from server.env_report import report
+
+    rows = dict(report())
+    for key in ("torch", "torch CUDA", "driver", "triton", "flashinfer", "nixl"):
+        assert key in rows
+    if not torch.cuda.is_available():
+        assert rows["cpu attention"].startswith("torch (")
+
+
+def test_env_command_prints(capsys):
+    from server.cli import main
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "attention" in out and "torch" in out
+
+
+def test_random_preset_builds_deterministically():
+    from server.models.llama import LlamaForCausalLM
+    from server.models.presets import PRESETS, init_random_weights, preset_config
+
+    cfg = preset_config("random:smollm2-135m")
+    assert cfg is PRESETS["smollm2-135m"]
+    big = preset_config("llama-3.1-8b")
+    assert (big.num_layers, big.hidden_size, big.num_heads, big.num_kv_heads) == (32, 4096, 32, 8)
+    assert (big.intermediate_size, big.vocab_size) == (14336, 128256)
+    assert big.rope_scaling["rope_type"] == "llama3"
+    with pytest.raises(ValueError, match="presets"):
+        preset_config("random:gpt-5")
+    tiny = cfg.__class__(**{**cfg.__dict__, "num_layers": 2})
+    a, b = LlamaForCausalLM(tiny, torch.float32, 64), LlamaForCausalLM(tiny, torch.float32, 64)
+    init_random_weights(a, seed=3)
+    init_random_weights(b, seed=3)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+    w = a.layers[0].qkv_proj.weight
+    assert 0.015 < w.std().item() < 0.025
+    assert torch.equal(a.layers[0].input_layernorm.weight, torch.ones_like(a.layers[0].input_layernorm.weight))
+
+
+def test_random_model_runs_in_the_engine():
+    from server.engine.engine import EngineConfig
+    from server.engine.llm import LLM
+    from server.engine.sampling_params import SamplingParams
+
+    llm = LLM(EngineConfig(model="random:smollm2-135m", dtype="float32", device="cpu",
+                           kv_cache_memory="32MiB", max_model_len=256, progress=False))
+    assert llm.engine.model_name == "random-smollm2-135m"
+    out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
