@@ -1,0 +1,158 @@
+"""KV transfer over NIXL (UCX underneath: RDMA, CUDA IPC, shared memory or TCP, as UCX picks).
+
+The whole KV tensor is registered once; each send is one NIXL WRITE of the collated regions
+with the notice as its notification, which NIXL delivers only after the data has landed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+
+import torch
+from nixl._api import nixl_agent, nixl_agent_config
+
+from kvcache.transfer.base import (
+    CONNECTOR_VERSION,
+    NOTICE,
+    NOTICE_DECODER,
+    Arrival,
+    KVConnector,
+    KVEndpoint,
+    KVLayout,
+    SendResult,
+    _Notice,
+    now,
+)
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    peer_id: str
+    handle: object | None  # None: notification only (nothing to move)
+    nbytes: int
+    ndesc: int
+    t0: float
+
+
+class NixlConnector(KVConnector):
+    transport = "nixl"
+
+    def __init__(self, worker_id: str, kv_cache: torch.Tensor, layout: KVLayout) -> None:
+        super().__init__(worker_id, kv_cache, layout)
+        self.agent = nixl_agent(worker_id, nixl_agent_config(backends=["UCX"]))
+        self.mem_type = "VRAM" if kv_cache.is_cuda else "DRAM"
+        self.device_id = kv_cache.device.index or 0 if kv_cache.is_cuda else 0
+        self._reg = self.agent.register_memory(kv_cache)
+        self._base = kv_cache.data_ptr()
+        self._pending: list[_Pending] = []
+        self._immediate: list[SendResult] = []
+
+    def endpoint(self) -> KVEndpoint:
+        return KVEndpoint(
+            worker_id=self.worker_id,
+            transport=self.transport,
+            version=CONNECTOR_VERSION,
+            layout=self.layout,
+            num_blocks=self.kv_cache.shape[0],
+            mem_type=self.mem_type,
+            device_id=self.device_id,
+            base_addr=self._base,
+            nixl_metadata=self.agent.get_agent_metadata(),
+        )
+
+    def _connect(self, ep: KVEndpoint) -> None:
+        self.agent.add_remote_agent(ep.nixl_metadata)
+
+    def _disconnect(self, worker_id: str) -> None:
+        with suppress(Exception):  # already gone is fine
+            self.agent.remove_remote_agent(worker_id)
+
+    def send(
+        self,
+        request_id: str,
+        src_blocks: Sequence[int],
+        peer_id: str,
+        dst_blocks: Sequence[int],
+        payload: bytes,
+    ) -> None:
+        peer = self._check_blocks(peer_id, src_blocks, dst_blocks)
+        notice = NOTICE.encode(_Notice(CONNECTOR_VERSION, request_id, self.worker_id, payload))
+        regions = self.regions(src_blocks, dst_blocks)
+        t0 = now()
+        try:
+            if not regions:
+                self.agent.send_notif(peer_id, notice)
+                self._pending.append(_Pending(request_id, peer_id, None, 0, 0, t0))
+                return
+            local = self.agent.get_xfer_descs(
+                [(self._base + r.src_offset, r.nbytes, self.device_id) for r in regions],
+                self.mem_type,
+            )
+            remote = self.agent.get_xfer_descs(
+                [(peer.base_addr + r.dst_offset, r.nbytes, peer.device_id) for r in regions],
+                peer.mem_type,
+            )
+            handle = self.agent.initialize_xfer("WRITE", local, remote, peer_id, notice)
+            state = self.agent.transfer(handle)
+            if state == "ERR":
+                raise RuntimeError("NIXL refused the transfer")
+        except Exception as e:  # noqa: BLE001 (any failure becomes a failed send, never a hang)
+            self._immediate.append(
+                SendResult(request_id, peer_id, False, 0, len(regions), now() - t0, str(e))
+            )
+            return
+        self._pending.append(
+            _Pending(request_id, peer_id, handle, sum(r.nbytes for r in regions), len(regions), t0)
+        )
+
+    def poll_sent(self) -> list[SendResult]:
+        done, self._immediate = self._immediate, []
+        still = []
+        for p in self._pending:
+            if p.handle is None:
+                done.append(SendResult(p.request_id, p.peer_id, True, 0, 0, now() - p.t0))
+                continue
+            try:
+                state = self.agent.check_xfer_state(p.handle)
+            except Exception as e:  # noqa: BLE001
+                state, err = "ERR", str(e)
+            else:
+                err = "NIXL transfer failed" if state == "ERR" else None
+            if state == "DONE" or state == "ERR":
+                self.agent.release_xfer_handle(p.handle)
+                done.append(
+                    SendResult(
+                        p.request_id,
+                        p.peer_id,
+                        state == "DONE",
+                        p.nbytes if state == "DONE" else 0,
+                        p.ndesc,
+                        now() - p.t0,
+                        err,
+                    )
+                )
+            else:
+                still.append(p)
+        self._pending = still
+        return done
+
+    def poll_received(self) -> list[Arrival]:
+        arrivals = []
+        for _agent, msgs in self.agent.get_new_notifs().items():
+            for raw in msgs:
+                n = NOTICE_DECODER.decode(raw)
+                if n.version == CONNECTOR_VERSION:
+                    arrivals.append(Arrival(n.request_id, n.sender_id, n.payload))
+        return arrivals
+
+    def close(self) -> None:
+        for p in self._pending:
+            if p.handle is not None:
+                with suppress(Exception):
+                    self.agent.release_xfer_handle(p.handle)
+        self._pending = []
+        with suppress(Exception):
+            self.agent.deregister_memory(self._reg)

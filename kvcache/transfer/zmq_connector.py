@@ -1,0 +1,173 @@
+"""The fallback transport when NIXL is absent: KV bytes as ZMQ multipart frames.
+
+Same interface and guarantees as NIXL: frames go out zero-copy from the source tensor (CPU)
+or through one staging copy (GPU); the receiver copies them into the reserved blocks and only
+then reports the arrival. A send counts as finished when ZMQ no longer needs the source memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+import torch
+import zmq
+
+from kvcache.transfer.base import (
+    CONNECTOR_VERSION,
+    NOTICE,
+    NOTICE_DECODER,
+    Arrival,
+    KVConnector,
+    KVEndpoint,
+    KVLayout,
+    SendResult,
+    _Notice,
+    now,
+)
+
+_REGIONS = msgspec.msgpack.Decoder(list[tuple[int, int]])
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    peer_id: str
+    tracker: zmq.MessageTracker | None
+    nbytes: int
+    ndesc: int
+    t0: float
+    staging: torch.Tensor | None = None  # keeps GPU->host copies alive until sent
+    error: str | None = None
+
+
+class ZmqConnector(KVConnector):
+    transport = "zmq"
+
+    def __init__(
+        self, worker_id: str, kv_cache: torch.Tensor, layout: KVLayout, host: str = "127.0.0.1"
+    ) -> None:
+        super().__init__(worker_id, kv_cache, layout)
+        self.ctx = zmq.Context.instance()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        port = self.pull.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+        self._bytes = kv_cache.view(-1).view(torch.uint8)
+        self.push: dict[str, zmq.Socket] = {}
+        self._pending: list[_Pending] = []
+
+    def endpoint(self) -> KVEndpoint:
+        return KVEndpoint(
+            worker_id=self.worker_id,
+            transport=self.transport,
+            version=CONNECTOR_VERSION,
+            layout=self.layout,
+            num_blocks=self.kv_cache.shape[0],
+            mem_type="VRAM" if self.kv_cache.is_cuda else "DRAM",
+            device_id=self.kv_cache.device.index or 0 if self.kv_cache.is_cuda else 0,
+            base_addr=0,
+            zmq_address=self.address,
+        )
+
+    def _connect(self, ep: KVEndpoint) -> None:
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(ep.zmq_address)
+        old = self.push.pop(ep.worker_id, None)
+        if old is not None:
+            old.close()
+        self.push[ep.worker_id] = sock
+
+    def _disconnect(self, worker_id: str) -> None:
+        sock = self.push.pop(worker_id, None)
+        if sock is not None:
+            sock.close()
+
+    def send(
+        self,
+        request_id: str,
+        src_blocks: Sequence[int],
+        peer_id: str,
+        dst_blocks: Sequence[int],
+        payload: bytes,
+    ) -> None:
+        self._check_blocks(peer_id, src_blocks, dst_blocks)
+        regions = self.regions(src_blocks, dst_blocks)
+        t0 = now()
+        staging = None
+        if self.kv_cache.is_cuda and regions:
+            staging = torch.cat(
+                [self._bytes[r.src_offset : r.src_offset + r.nbytes] for r in regions]
+            ).cpu()
+            frames, off = [], 0
+            for r in regions:
+                frames.append(memoryview(staging[off : off + r.nbytes].numpy()))
+                off += r.nbytes
+        else:
+            frames = [
+                memoryview(self._bytes[r.src_offset : r.src_offset + r.nbytes].numpy())
+                for r in regions
+            ]
+        header = msgspec.msgpack.encode([(r.dst_offset, r.nbytes) for r in regions])
+        notice = NOTICE.encode(_Notice(CONNECTOR_VERSION, request_id, self.worker_id, payload))
+        try:
+            tracker = self.push[peer_id].send_multipart(
+                [notice, header, *frames], copy=False, track=True
+            )
+        except zmq.ZMQError as e:
+            self._pending.append(
+                _Pending(request_id, peer_id, None, 0, len(regions), t0, error=str(e))
+            )
+            return
+        self._pending.append(
+            _Pending(
+                request_id,
+                peer_id,
+                tracker,
+                sum(r.nbytes for r in regions),
+                len(regions),
+                t0,
+                staging,
+            )
+        )
+
+    def poll_sent(self) -> list[SendResult]:
+        done, still = [], []
+        for p in self._pending:
+            if p.error is not None:
+                done.append(
+                    SendResult(p.request_id, p.peer_id, False, 0, p.ndesc, now() - p.t0, p.error)
+                )
+            elif p.tracker is None or p.tracker.done:
+                done.append(
+                    SendResult(p.request_id, p.peer_id, True, p.nbytes, p.ndesc, now() - p.t0)
+                )
+            else:
+                still.append(p)
+        self._pending = still
+        return done
+
+    def poll_received(self) -> list[Arrival]:
+        arrivals = []
+        while True:
+            try:
+                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return arrivals
+            notice = NOTICE_DECODER.decode(frames[0].bytes)
+            regions = _REGIONS.decode(frames[1].bytes)
+            for (off, n), frame in zip(regions, frames[2:], strict=True):
+                src = torch.frombuffer(frame.buffer, dtype=torch.uint8)
+                if src.numel() != n or off + n > self._bytes.numel():
+                    raise ValueError(f"malformed KV frame from {notice.sender_id!r}")
+                self._bytes[off : off + n].copy_(src)
+            if notice.version == CONNECTOR_VERSION:
+                arrivals.append(Arrival(notice.request_id, notice.sender_id, notice.payload))
+
+    def close(self) -> None:
+        for sock in self.push.values():
+            sock.close()
+        self.push.clear()
+        self.pull.close()
