@@ -26,8 +26,24 @@ from server.engine.sampling_params import SamplingParams  # noqa: E402
 from server.models.loader import embedded_model_path  # noqa: E402
 from tests.reference import hf_model  # noqa: E402
 
-TOPICS = ["the ocean", "volcanoes", "bread", "chess", "the moon", "bees", "trains", "rain",
-          "music", "glaciers", "owls", "bridges", "coffee", "maps", "tea", "comets"]
+TOPICS = [
+    "the ocean",
+    "volcanoes",
+    "bread",
+    "chess",
+    "the moon",
+    "bees",
+    "trains",
+    "rain",
+    "music",
+    "glaciers",
+    "owls",
+    "bridges",
+    "coffee",
+    "maps",
+    "tea",
+    "comets",
+]
 
 
 def hf_run(model, prompts: list[list[int]], n: int) -> tuple[float, float]:
@@ -47,8 +63,15 @@ def hf_run(model, prompts: list[list[int]], n: int) -> tuple[float, float]:
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0, stopping_criteria=[FirstToken()])
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            stopping_criteria=[FirstToken()],
+        )
     total = time.perf_counter() - t0
     assert out.shape[1] == width + n
     return total, first[0] - t0
@@ -84,8 +107,10 @@ def main() -> int:
     n = args.new_tokens
 
     llm = LLM(EngineConfig(dtype=args.dtype, kv_cache_memory="512MiB", progress=False))
-    prompts = [llm.chat_prompt([{"role": "user", "content": f"Write a short poem about {t}."}])
-               for t in TOPICS[: args.streams]]
+    prompts = [
+        llm.chat_prompt([{"role": "user", "content": f"Write a short poem about {t}."}])
+        for t in TOPICS[: args.streams]
+    ]
     hf = hf_model(str(embedded_model_path()), dtype)
 
     results = {}
@@ -101,20 +126,44 @@ def main() -> int:
             out_tps = n * len(batch) / total
             dec_tps = (n - 1) * len(batch) / (total - ttft)
             results[(name, label)] = (out_tps, dec_tps, ttft)
-            print(f"{name:16s} {label:10s} output {out_tps:8.1f} tok/s  decode {dec_tps:8.1f} tok/s  "
-                  f"TTFT {ttft * 1e3:7.1f} ms", flush=True)
+            print(
+                f"{name:16s} {label:10s} output {out_tps:8.1f} tok/s  decode {dec_tps:8.1f} tok/s  "
+                f"TTFT {ttft * 1e3:7.1f} ms",
+                flush=True,
+            )
 
     rows = []
     for label in ("1 stream", f"{args.streams} streams"):
         hf_o, hf_d, hf_t = results[("HF transformers", label)]
         pd_o, pd_d, pd_t = results[("pdserve", label)]
-        rows.append([label, f"{hf_o:.1f}", f"{pd_o:.1f}", f"{pd_o / hf_o:.1f}x",
-                     f"{hf_d:.1f}", f"{pd_d:.1f}", f"{pd_d / hf_d:.1f}x"])
-    body = table(["load", "HF output tok/s", "pdserve output tok/s", "ratio",
-                  "HF decode tok/s", "pdserve decode tok/s", "ratio"], rows)
-    body = (f"SmolLM2-135M-Instruct (embedded GGUF, dequantized), {args.dtype} on both sides, "
-            f"{n} new tokens per sequence, greedy, EOS ignored, best of {args.repeats}.\n"
-            f"Targets: >=5x HF single-stream, >=10x HF at 16 streams.\n\n{body}")
+        rows.append(
+            [
+                label,
+                f"{hf_o:.1f}",
+                f"{pd_o:.1f}",
+                f"{pd_o / hf_o:.1f}x",
+                f"{hf_d:.1f}",
+                f"{pd_d:.1f}",
+                f"{pd_d / hf_d:.1f}x",
+            ]
+        )
+    body = table(
+        [
+            "load",
+            "HF output tok/s",
+            "pdserve output tok/s",
+            "ratio",
+            "HF decode tok/s",
+            "pdserve decode tok/s",
+            "ratio",
+        ],
+        rows,
+    )
+    body = (
+        f"SmolLM2-135M-Instruct (embedded GGUF, dequantized), {args.dtype} on both sides, "
+        f"{n} new tokens per sequence, greedy, EOS ignored, best of {args.repeats}.\n"
+        f"Targets: >=5x HF single-stream, >=10x HF at 16 streams.\n\n{body}"
+    )
     print("\n" + body)
     path = write_result(f"engine-cpu-{args.dtype}", body, "python " + " ".join(sys.argv))
     print(f"\nwrote {path}")

@@ -20,8 +20,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--attention-backend", default="auto",
+                   help="auto | flashinfer | triton | torch (env PDSERVE_ATTENTION_BACKEND)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="on CUDA: fraction of GPU memory to fill; the KV cache gets what weights "
+                        "and activations leave (0: use --kv-cache-memory)")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -39,6 +44,8 @@ def engine_config_from_args(args: argparse.Namespace):
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend,
         seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
     )
 
 
@@ -71,6 +78,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_env(args: argparse.Namespace) -> int:
+    from server.env_report import cmd_env
+
+    return cmd_env(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -86,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     add_engine_args(g)
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("env", help="print versions, devices and the kernels that would be chosen")
+    e.set_defaults(func=_cmd_env)
 
     try:
         from server.api.launch import add_serve_args, run_serve

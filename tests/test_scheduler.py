@@ -168,3 +168,95 @@ def test_max_model_len_finishes_with_length():
     s.add(r)
     f = drain(s)
     assert f["a"].finish_reason == "length" and r.num_tokens == 10
+
+
+# -- disaggregation: remote KV into reserved blocks --------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_clocked(num_blocks=32):
+    clock = Clock()
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256)
+    return Scheduler(cfg, KVCacheManager(num_blocks, BS), clock=clock), clock
+
+
+def test_remote_kv_arrival_joins_the_batch_without_prefill():
+    s, clock = make_clocked()
+    r = req("d", 10, max_tokens=3)
+    match = s.reserve_remote(r, lease_s=5, grace_s=1)
+    assert match.num_tokens == 0 and len(s.kv.block_table("d")) == 3  # ceil(10 / 4)
+    assert not s.has_unfinished() and s.num_remote_reserved_blocks == 3
+    assert run_step(s)[0].scheduled == []  # nothing to compute while the KV is on its way
+    outs = s.remote_arrived("d", 7, None)
+    assert outs[0].new_token_ids == [7] and r.num_computed_tokens == 10
+    out, _ = run_step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("d", 1)]
+    drain(s)
+    assert s.kv.num_free_blocks == 32
+    s.kv.check_integrity()
+
+
+def test_remote_reservation_reuses_the_local_prefix_cache():
+    s, _ = make_clocked()
+    s.add(req("a", 12, max_tokens=1))
+    drain(s)
+    match = s.reserve_remote(req("b", 14, max_tokens=2), lease_s=5, grace_s=1)
+    assert match.num_tokens == 12  # only the last 2 tokens' block must come from the prefill worker
+
+
+def test_lease_expiry_prefills_locally_and_quarantines_the_blocks():
+    s, clock = make_clocked()
+    r = req("d", 10, max_tokens=2)
+    s.reserve_remote(r, lease_s=5, grace_s=1)
+    clock.t = 5.0
+    assert s.tick() == ["d"] and s.num_lease_expiries == 1
+    out, _ = run_step(s)
+    assert out.scheduled[0].num_new_tokens == 10  # the whole prompt, computed here
+    drain(s)
+    assert "d" in s.deferred and s.kv.num_free_blocks < 32  # a late writer may still land
+    clock.t = 6.0
+    s.tick()
+    assert s.kv.num_free_blocks == 32
+    s.kv.check_integrity()
+
+
+def test_abort_while_waiting_for_remote_kv_frees_after_arrival_or_lease():
+    s, clock = make_clocked()
+    s.reserve_remote(req("x", 10), lease_s=5, grace_s=1)
+    s.reserve_remote(req("y", 10, start=50), lease_s=5, grace_s=1)
+    s.abort(["x", "y"])
+    assert s.kv.num_free_blocks < 32  # not reusable while the prefill may be writing
+    assert s.remote_arrived("x", 7, None) == []  # x's write landed: now it is safe
+    assert "x" not in s.deferred
+    clock.t = 6.0
+    s.tick()  # y never arrived: freed at lease + grace
+    assert s.kv.num_free_blocks == 32 and not s.has_unfinished()
+    s.kv.check_integrity()
+
+
+def test_prefill_side_keeps_kv_until_released():
+    s, _ = make_clocked()
+    r = req("p", 10, max_tokens=1)
+    r.keep_kv_on_finish = True
+    s.add(r)
+    _, outs = run_step(s)
+    assert outs[0].finish_reason == "length" and "p" in s.held
+    assert len(s.kv.block_table("p")) == 3  # the prompt's blocks, ready to send
+    s.release_held("p")
+    assert s.kv.num_free_blocks == 32
+    s.kv.check_integrity()
+
+
+def test_first_remote_token_can_finish_the_request():
+    s, _ = make_clocked()
+    s.reserve_remote(req("e", 10, max_tokens=5), lease_s=5, grace_s=1)
+    outs = s.remote_arrived("e", 0, None)  # EOS
+    assert outs[0].finish_reason == "stop" and not s.requests
+    assert s.kv.num_free_blocks == 32

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from server.models.rope import RotaryEmbedding
 
 
 @dataclass
@@ -75,10 +79,20 @@ class AttentionBackend(ABC):
       `seq_len - query_len + i + 1` tokens (causal). Shapes:
         q: [num_tokens, num_heads, head_dim], k/v: [num_tokens, num_kv_heads, head_dim]
         returns [num_tokens, num_heads * head_dim], dtype of q.
+    - `forward_rope(layer, q, k, v, positions, rope)` is `forward` with the rotary embedding
+      applied to q and k first; the default rotates with `rope` and calls `forward`, backends
+      with a fused rotate-and-store kernel override it. The model calls this one.
+    - CUDA graphs (`supports_cuda_graphs`): a backend that sets it keeps every tensor its
+      `forward` reads for a pure-decode batch either in the metadata it was planned with or in
+      buffers it owns at fixed addresses, so a graph captured after `plan_cuda_graph(m)`
+      replays correctly after `plan_cuda_graph(m2)` whenever m2 is a pure-decode batch of the
+      same `num_seqs` whose device tensors are the same (static) tensors as m's. Padded rows carry slot -1 (no store) and a
+      one-token context in a dummy block.
     - Backends are single-stream and not thread-safe; one per model runner.
     """
 
     name: str = "abstract"
+    supports_cuda_graphs: bool = False
 
     def __init__(
         self,
@@ -100,7 +114,27 @@ class AttentionBackend(ABC):
     def plan(self, metadata: AttentionMetadata) -> None:
         self.metadata = metadata
 
+    def plan_cuda_graph(self, metadata: AttentionMetadata) -> None:
+        """`plan` for a pure-decode batch that a CUDA graph captures or replays (only called
+        when `supports_cuda_graphs`); backends with per-batch-size graph state override it."""
+        self.plan(metadata)
+
     @abstractmethod
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor: ...
+
+    def forward_rope(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+    ) -> torch.Tensor:
+        """`forward` after rotating q and k by `positions` ([num_tokens] int64) with `rope`
+        (its precomputed `cos`/`sin` tables [max_positions, head_dim] are what fused kernels
+        read). q/k/v may be strided views of one fused projection output."""
+        q, k = rope(positions, q, k)
+        return self.forward(layer, q, k, v)

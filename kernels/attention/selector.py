@@ -1,28 +1,36 @@
-"""Choose an attention backend by name at start-up. "auto" takes the fastest one that works
-on this device; the GPU issue adds FlashInfer and Triton in front of the torch reference."""
+"""Choose an attention backend by name at start-up. "auto" (or env PDSERVE_ATTENTION_BACKEND)
+takes the fastest one that runs here: FlashInfer (sm80+) → Triton (sm75+) → torch; a named one
+falls down the same chain when it cannot run. One log line says which and why
+(`kernels.capabilities`). Backend modules are imported only once chosen: the CPU test suite
+never imports flashinfer or triton."""
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
 
 import torch
 
 from kernels.attention.base import AttentionBackend
-from kernels.attention.torch_backend import TorchAttentionBackend
+from kernels.capabilities import choose_attention_backend
 
 log = logging.getLogger(__name__)
 
-BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend}
+# name -> "module:class", imported lazily
+BACKENDS: dict[str, str] = {
+    "flashinfer": "kernels.attention.flashinfer_backend:FlashInferAttentionBackend",
+    "triton": "kernels.attention.triton_backend:TritonAttentionBackend",
+    "torch": "kernels.attention.torch_backend:TorchAttentionBackend",
+}
+
+
+def backend_class(name: str) -> type[AttentionBackend]:
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def select_backend(name: str, device: torch.device) -> type[AttentionBackend]:
-    name = os.environ.get("PDSERVE_ATTENTION_BACKEND", name) if name == "auto" else name
-    if name == "auto":
-        cls, why = TorchAttentionBackend, f"the only backend for device {device.type}"
-    elif name in BACKENDS:
-        cls, why = BACKENDS[name], "requested"
-    else:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(BACKENDS)}")
-    log.info("attention backend: %s (%s)", cls.name, why)
+    choice = choose_attention_backend(name, device)
+    cls = backend_class(choice.name)
+    log.info("attention backend: %s (%s)", cls.name, choice.why)
     return cls

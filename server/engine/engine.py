@@ -8,11 +8,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from kernels.attention.selector import select_backend
+from kernels.capabilities import install_fused_ops
 from kvcache.layout import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget, parse_size
 from kvcache.manager import KVCacheManager
+from server.engine.cuda_graphs import BUCKETS, CudaGraphRunner
+from server.engine.gpu_memory import profile_kv_cache_bytes
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import EngineStats, RequestOutput
 from server.engine.request import Request
@@ -44,6 +48,10 @@ class EngineConfig:
     worker_id: str = "worker-0"
     num_threads: int | None = None  # CPU intra-op threads (None: torch's default)
     progress: bool = True
+    # On CUDA: fraction of the GPU's memory this engine may fill (weights, activations, KV);
+    # the KV cache gets what the others leave. 0 = use the kv_cache_memory byte budget.
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,16 +80,32 @@ class EngineCore:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            install_fused_ops(self.device)
         loaded = load_model(config.model, self.dtype, self.device, config.max_model_len,
-                            progress=config.progress)
+                            progress=config.progress, seed=config.seed)
         self.model = loaded.model
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
         self.kv_spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, self.dtype)
-        budget = parse_size(config.kv_cache_memory)
-        num_blocks = num_blocks_for_budget(self.kv_spec, budget)
         max_len = config.max_model_len or cfg.max_position_embeddings
+        backend_cls = select_backend(config.attention_backend, self.device)
+        if on_cuda and config.gpu_memory_utilization > 0:
+            budget = profile_kv_cache_bytes(
+                self.model, backend_cls, self.kv_spec, cfg.num_heads, cfg.vocab_size,
+                config.max_num_batched_tokens, config.max_num_seqs, max_len,
+                config.gpu_memory_utilization, self.device,
+            )
+        else:
+            budget = parse_size(config.kv_cache_memory)
+        num_blocks = num_blocks_for_budget(self.kv_spec, budget)
+        use_graphs = on_cuda and not config.enforce_eager and backend_cls.supports_cuda_graphs
+        if use_graphs:
+            num_blocks -= 1  # one block stays out of the pool: CUDA-graph padding rows use it
+            if num_blocks < 1:
+                raise ValueError("the KV cache budget holds no block besides the CUDA-graph dummy")
         capacity = num_blocks * config.block_size
         if max_len > capacity:
             # One sequence must always fit in the cache, or preemption could loop forever.
@@ -89,10 +113,9 @@ class EngineCore:
                         max_len, capacity)
             max_len = capacity
         self.max_model_len = max_len
-        self.kv_cache = allocate_kv_cache(self.kv_spec, num_blocks, self.device)
+        self.kv_cache = allocate_kv_cache(self.kv_spec, num_blocks + int(use_graphs), self.device)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  worker_id=config.worker_id)
-        backend_cls = select_backend(config.attention_backend, self.device)
         self.attn = backend_cls(self.kv_cache, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -103,7 +126,17 @@ class EngineCore:
             ),
             self.kv,
         )
-        self.runner = ModelRunner(self.model, self.attn, self.kv, Sampler(seed=config.seed), self.device)
+        graphs = None
+        if use_graphs:
+            graphs = CudaGraphRunner(self.model, self.attn, config.block_size,
+                                     min(config.max_num_seqs, max(BUCKETS)), max_len,
+                                     dummy_block=num_blocks, device=self.device)
+            graphs.capture()
+        elif on_cuda:
+            log.info("CUDA graphs off (%s)", "--enforce-eager" if config.enforce_eager
+                     else f"the {backend_cls.name} backend cannot be captured")
+        self.runner = ModelRunner(self.model, self.attn, self.kv, Sampler(seed=config.seed),
+                                  self.device, cuda_graphs=graphs)
         log.info("engine ready: %s, %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d",
                  self.device, self.dtype, num_blocks, config.block_size,
                  num_blocks * self.kv_spec.bytes_per_block / 2**20, max_len)
@@ -121,22 +154,10 @@ class EngineCore:
     ) -> None:
         """Queue a request. Raises ValueError (a user error: HTTP 400) for invalid parameters,
         empty prompts, out-of-vocabulary ids or a prompt that does not fit the context."""
-        params.validate(self.vocab_size)
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {n} tokens, but this model's context is {self.max_model_len} "
-                "tokens (prompt plus at least one generated token must fit)"
-            )
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        self.scheduler.add(
-            Request(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids,
-                    arrival_time if arrival_time is not None else time.monotonic())
-        )
+        req = self._validated_request(request_id, prompt_token_ids, params)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
+        self.scheduler.add(req)
 
     def abort(self, request_ids: Iterable[str]) -> None:
         self.scheduler.abort(request_ids)
@@ -164,7 +185,67 @@ class EngineCore:
             num_preemptions=s.num_preemptions,
             prompt_tokens=s.prompt_tokens,
             generation_tokens=s.generation_tokens,
+            num_remote_waiting=len(s.remote),
+            remote_reserved_blocks=s.num_remote_reserved_blocks,
+            num_lease_expiries=s.num_lease_expiries,
         )
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
+
+    # -- disaggregation ------------------------------------------------------------------------
+
+    def _validated_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        params.validate(self.vocab_size)
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens, but this model's context is {self.max_model_len} "
+                "tokens (prompt plus at least one generated token must fit)"
+            )
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return Request(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids, time.monotonic())
+
+    def reserve_remote(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        lease_s: float, grace_s: float = 5.0,
+    ) -> tuple[int, list[int]] | None:
+        """Decode side of a remote prefill: reserve blocks for the prompt, reusing this worker's
+        cached prefix. Returns (first block index the prefill worker must write, destination
+        block ids from there on), or None when the blocks are not available now. The request
+        starts decoding at `remote_kv_arrived`; if that has not happened `lease_s` from now it
+        is prefilled here instead (its blocks stay quarantined for `grace_s` more)."""
+        req = self._validated_request(request_id, prompt_token_ids, params)
+        match = self.scheduler.reserve_remote(req, lease_s, grace_s)
+        if match is None:
+            return None
+        first = match.num_tokens // self.kv.block_size
+        return first, self.kv.block_table(request_id)[first:]
+
+    def remote_kv_arrived(self, request_id: str, token_id: int, logprobs=None) -> list[RequestOutput]:
+        return self.scheduler.remote_arrived(request_id, token_id, logprobs)
+
+    def remote_prefill_failed(self, request_id: str) -> bool:
+        """Prefill the prompt here: the remote prefill is gone (worker died, transfer failed)."""
+        return self.scheduler.remote_failed(request_id)
+
+    def add_prefill_only(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Prefill side: compute the prompt and sample the first token (with the request's own
+        sampling parameters), then keep the KV blocks until `release_held`."""
+        req = self._validated_request(request_id, prompt_token_ids, msgspec.structs.replace(params, max_tokens=1, min_tokens=0))
+        req.keep_kv_on_finish = True
+        self.scheduler.add(req)
+
+    def held_blocks(self, request_id: str) -> list[int]:
+        return self.kv.block_table(request_id) if request_id in self.scheduler.held else []
+
+    def release_held(self, request_id: str) -> None:
+        self.scheduler.release_held(request_id)
+
+    def tick(self) -> list[str]:
+        """Time-based housekeeping while idle: lease expiries (ids returned), deferred frees."""
+        return self.scheduler.tick()

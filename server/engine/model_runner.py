@@ -1,5 +1,9 @@
 """Turns a `SchedulerOutput` into one forward pass: build the packed batch and attention
-metadata once, `plan` the backend once, run the model, sample the rows that need a token."""
+metadata once, `plan` the backend once, run the model, sample the rows that need a token.
+
+On CUDA the step's host lists reach the device in one copy (pinned, non-blocking), and pure
+decode steps replay a captured CUDA graph when the engine gave the runner one
+(`server/engine/cuda_graphs.py`). The sampler's device->host copy is the step's one sync."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import torch
 
 from kernels.attention.base import AttentionBackend, AttentionMetadata
 from kvcache.manager import KVCacheManager
+from server.engine.cuda_graphs import CudaGraphRunner, DecodeBatch
 from server.engine.outputs import TokenLogprobs
 from server.engine.sampler import Sampler, SamplingRow
 from server.engine.scheduler import SchedulerOutput
@@ -21,6 +26,7 @@ class ModelRunner:
         kv: KVCacheManager,
         sampler: Sampler,
         device: torch.device,
+        cuda_graphs: CudaGraphRunner | None = None,
     ) -> None:
         self.model = model
         self.attn = attn
@@ -28,8 +34,9 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.block_size = kv.block_size
+        self.cuda_graphs = cuda_graphs
 
-    def build_metadata(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _host_batch(self, out: SchedulerOutput):
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -49,43 +56,81 @@ class ModelRunner:
             seq_lens.append(start + n)
             starts.append(starts[-1] + n)
             tables.append(table)
+        return input_ids, positions, slots, query_lens, seq_lens, starts, tables
+
+    def build_metadata(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        return self._to_device(*self._host_batch(out))
+
+    def _to_device(self, input_ids, positions, slots, query_lens, seq_lens, starts, tables):
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         num_decode = 0
         while num_decode < len(query_lens) and query_lens[num_decode] == 1:
             num_decode += 1
         dev = self.device
+        if dev.type == "cuda":
+            # One pinned host buffer, one non-blocking H2D copy; int32 fields converted there.
+            n, s = len(input_ids), len(query_lens)
+            flat = torch.tensor(
+                [*input_ids, *positions, *slots, *starts, *seq_lens, *(x for row in padded for x in row)],
+                dtype=torch.int64,
+            ).pin_memory()
+            d = flat.to(dev, non_blocking=True)
+            ids, pos_t, slot_t = d[:n], d[n : 2 * n], d[2 * n : 3 * n]
+            o = 3 * n
+            qsl = d[o : o + s + 1].to(torch.int32)
+            lens = d[o + s + 1 : o + 2 * s + 1].to(torch.int32)
+            tab = d[o + 2 * s + 1 :].view(s, width).to(torch.int32)
+        else:
+            qsl = torch.tensor(starts, dtype=torch.int32, device=dev)
+            lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+            tab = torch.tensor(padded, dtype=torch.int32, device=dev)
+            slot_t = torch.tensor(slots, dtype=torch.int64, device=dev)
+            ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+            pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         meta = AttentionMetadata(
             num_seqs=len(query_lens),
             num_decode_seqs=num_decode,
             num_tokens=len(input_ids),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=qsl,
+            seq_lens=lens,
+            block_tables=tab,
+            slot_mapping=slot_t,
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             query_start_loc_cpu=starts,
-            block_size=bs,
+            block_size=self.block_size,
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos_t, meta
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, tuple[int, TokenLogprobs | None]]:
-        ids, positions, meta = self.build_metadata(out)
-        self.attn.plan(meta)
-        hidden = self.model(ids, positions, self.attn)
+        host = self._host_batch(out)
+        input_ids, positions, slots, query_lens, seq_lens, starts, tables = host
+        graphs = self.cuda_graphs
+        if (
+            graphs is not None
+            and len(input_ids) == len(query_lens)  # pure decode: one new token each
+            and graphs.can_run(len(query_lens), max(len(t) for t in tables))
+        ):
+            hidden = graphs.run(DecodeBatch(input_ids, positions, slots, seq_lens, tables))
+        else:
+            ids, pos_t, meta = self._to_device(*host)
+            self.attn.plan(meta)
+            hidden = self.model(ids, pos_t, self.attn)
         # Only rows whose chunk reaches the end of their known tokens produce a token.
         rows, last = [], []
         for i, s in enumerate(out.scheduled):
             if s.samples:
                 rows.append(SamplingRow.from_request(s.request))
-                last.append(meta.query_start_loc_cpu[i + 1] - 1)
+                last.append(starts[i + 1] - 1)
         if not rows:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])
+        if len(last) == hidden.shape[0]:  # every row samples (decode steps): no gather
+            picked = hidden
+        else:
+            picked = hidden[torch.tensor(last, device=self.device)]
+        logits = self.model.compute_logits(picked)
         result = self.sampler(logits, rows)
         reqs = [s.request for s in out.scheduled if s.samples]
         return {

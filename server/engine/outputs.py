@@ -74,3 +74,6 @@ class EngineStats(msgspec.Struct):
     num_preemptions: int  # cumulative
     prompt_tokens: int  # cumulative prompt tokens of admitted requests
     generation_tokens: int  # cumulative generated tokens
+    num_remote_waiting: int = 0  # requests whose prompt KV is on its way from a prefill worker
+    remote_reserved_blocks: int = 0  # blocks those requests hold
+    num_lease_expiries: int = 0  # cumulative: remote KV that never came (prefilled locally)

@@ -61,6 +61,15 @@ class Request:
         self.first_token_time: float | None = None
         # Per-request generator: seeded requests draw their own noise, so their output does not
         # depend on which other requests share the batch.
+        # Disaggregation. Decode side: the prompt's KV comes from a prefill worker before
+        # `remote_deadline` (time.monotonic()); until then the request holds reserved blocks and
+        # is not scheduled. Prefill side: `keep_kv_on_finish` keeps the blocks after the first
+        # token so they can be sent; the worker releases them when the transfer is done.
+        self.remote_deadline: float | None = None
+        self.keep_kv_on_finish = False
+        # A remote prefill may still write into this request's blocks until this time
+        # (lease + grace): its blocks are not returned to the pool before then.
+        self.quarantine_until = 0.0
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
             self.generator = torch.Generator()

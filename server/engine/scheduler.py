@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from kvcache.manager import KVCacheManager
+from kvcache.manager import KVCacheManager, PrefixMatch
 from server.engine.outputs import RequestOutput, RequestTimings, TokenLogprobs
 from server.engine.request import FINISH_REASON, Request, RequestStatus
 
@@ -69,6 +69,11 @@ class Scheduler:
         self.num_preemptions = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        # Disaggregation (see Request.remote_deadline / keep_kv_on_finish):
+        self.remote: dict[str, Request] = {}  # blocks reserved, prompt KV not yet arrived
+        self.held: dict[str, Request] = {}  # finished prefill-only requests, KV being sent
+        self.deferred: dict[str, float] = {}  # KV owner id -> time its blocks may be freed
+        self.num_lease_expiries = 0
 
     # -- admission / abort -----------------------------------------------------------------
 
@@ -87,17 +92,111 @@ class Scheduler:
             req = self.requests.pop(rid, None)
             if req is None:
                 continue
-            if req.status == RequestStatus.RUNNING:
+            if rid in self.remote:
+                del self.remote[rid]
+            elif req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
             else:
                 self.waiting.remove(req)
-            self.kv.free(rid)
+            self._release(req)
             req.status = RequestStatus.FINISHED_ABORTED
             aborted.append(req)
         return aborted
 
+    def _release(self, req: Request) -> None:
+        """Return the request's blocks to the pool, or park them while a remote prefill may
+        still write into them (its lease plus grace): they must not be reused before then."""
+        if req.quarantine_until > self.clock():
+            self.deferred[req.request_id] = req.quarantine_until
+        else:
+            self.kv.free(req.request_id)
+
+    def free_deferred(self, force: bool = False) -> None:
+        now = self.clock()
+        for rid, until in list(self.deferred.items()):
+            if force or until <= now:
+                del self.deferred[rid]
+                self.kv.free(rid)
+
+    # -- disaggregation ---------------------------------------------------------------------
+
+    def reserve_remote(self, req: Request, lease_s: float, grace_s: float) -> PrefixMatch | None:
+        """Decode side: reserve blocks for the whole prompt (reusing cached prefix blocks) so a
+        prefill worker can write its KV into them. None if the blocks are not there now."""
+        if req.request_id in self.requests or req.request_id in self.deferred:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        match = self.kv.match_prefix(req.all_token_ids)
+        if self.kv.allocate(req.request_id, req.num_prompt_tokens, match) is None:
+            return None
+        now = self.clock()
+        self.kv.record_query(req.num_tokens, match.num_tokens)
+        req.num_computed_tokens = req.num_cached_tokens = match.num_tokens
+        req.first_scheduled_time = now
+        req.remote_deadline = now + lease_s
+        req.quarantine_until = now + lease_s + grace_s
+        self.requests[req.request_id] = req
+        self.remote[req.request_id] = req
+        self.prompt_tokens += req.num_prompt_tokens
+        return match
+
+    def remote_arrived(
+        self, request_id: str, token: int, logprobs: TokenLogprobs | None
+    ) -> list[RequestOutput]:
+        """The prompt's KV has fully landed (with the first token sampled by the prefill
+        worker): the request joins the running batch."""
+        req = self.remote.pop(request_id, None)
+        if req is None:
+            # Aborted (or already prefilled locally) meanwhile: nothing more will be written.
+            if request_id in self.deferred and request_id not in self.requests:
+                del self.deferred[request_id]
+                self.kv.free(request_id)
+            return []
+        req.quarantine_until = 0.0
+        req.num_computed_tokens = req.num_prompt_tokens
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return [self._emit(req, token, logprobs, self.clock())]
+
+    def remote_failed(self, request_id: str) -> bool:
+        """The remote prefill will not deliver: compute the prompt here instead, in the blocks
+        already reserved (cached prefix kept). Quarantine stays: a slow writer may still land."""
+        req = self.remote.pop(request_id, None)
+        if req is None:
+            return False
+        req.remote_deadline = None
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return True
+
+    def expire_leases(self) -> list[str]:
+        now = self.clock()
+        expired = [rid for rid, r in self.remote.items() if r.remote_deadline is not None and r.remote_deadline <= now]
+        for rid in expired:
+            self.remote_failed(rid)
+        self.num_lease_expiries += len(expired)
+        return expired
+
+    def release_held(self, request_id: str) -> None:
+        """Prefill side: the KV has been sent (or will not be): free the blocks."""
+        req = self.held.pop(request_id, None)
+        if req is not None:
+            self.kv.free(request_id)
+
+    @property
+    def num_remote_reserved_blocks(self) -> int:
+        return sum(len(self.kv.block_table(rid)) for rid in self.remote)
+
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        """Requests to compute. Requests waiting only for remote KV are not work for the step
+        loop; their leases and deferred frees are settled by `tick()`."""
+        return len(self.requests) > len(self.remote)
+
+    def tick(self) -> list[str]:
+        """Settle time-based state (deferred frees, expired leases); returns expired ids. Called
+        by `schedule()` and, when idle, by the worker loop."""
+        if self.deferred:
+            self.free_deferred()
+        return self.expire_leases() if self.remote else []
 
     # -- schedule ---------------------------------------------------------------------------
 
@@ -106,6 +205,15 @@ class Scheduler:
         if self.config.long_prefill_token_threshold:
             n = min(n, self.config.long_prefill_token_threshold)
         return n
+
+    def _victim(self) -> Request | None:
+        """The newest running request whose blocks may be freed now (a remote prefill may
+        still write into a quarantined one's blocks)."""
+        now = self.clock()
+        for req in reversed(self.running):
+            if req.quarantine_until <= now:
+                return req
+        return None
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
@@ -116,6 +224,7 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def schedule(self) -> SchedulerOutput:
+        self.tick()
         budget = self.config.max_num_batched_tokens
         out = SchedulerOutput(scheduled=[])
         # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
@@ -124,7 +233,10 @@ class Scheduler:
             req = self.running[i]
             n = self._chunk(req, budget)
             while self.kv.allocate(req.request_id, req.num_computed_tokens + n) is None:
-                victim = self.running.pop()
+                victim = self._victim()
+                if victim is None:  # only quarantined requests left: wait for blocks
+                    break
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -140,7 +252,7 @@ class Scheduler:
             not out.preempted
             and self.waiting
             and budget > 0
-            and len(self.running) < self.config.max_num_seqs
+            and len(self.running) + len(self.remote) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
             match = self.kv.match_prefix(req.all_token_ids)
@@ -179,37 +291,42 @@ class Scheduler:
             if hit is None:
                 self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
                 continue
-            token, logprobs = hit
-            req.append_token(token)
-            self.generation_tokens += 1
-            if req.first_token_time is None:
-                req.first_token_time = now
-            self._check_stop(req, token)
-            ro = RequestOutput(
-                request_id=req.request_id,
-                new_token_ids=[token],
-                new_logprobs=None if logprobs is None else [logprobs],
-                num_prompt_tokens=req.num_prompt_tokens,
-                num_cached_tokens=max(req.num_cached_tokens, 0),
-            )
-            if req.status.finished:
-                ro.finish_reason = FINISH_REASON[req.status]
-                ro.stop_reason = req.stop_reason
-                ro.timings = RequestTimings(
-                    arrival=req.arrival_time,
-                    first_scheduled=req.first_scheduled_time or now,
-                    first_token=req.first_token_time,
-                    finished=now,
-                    num_preemptions=req.num_preemptions,
-                )
-                self.running.remove(req)
-                del self.requests[req.request_id]
-                self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
-                self.kv.free(req.request_id)
-            else:
-                self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
-            outputs.append(ro)
+            outputs.append(self._emit(req, hit[0], hit[1], now))
         return outputs
+
+    def _emit(self, req: Request, token: int, logprobs: TokenLogprobs | None, now: float) -> RequestOutput:
+        """Append one sampled token to a running request, finish it if a stop condition holds,
+        cache its newly full blocks; returns its output for this step."""
+        req.append_token(token)
+        self.generation_tokens += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+        self._check_stop(req, token)
+        self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+        ro = RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=[token],
+            new_logprobs=None if logprobs is None else [logprobs],
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+        )
+        if req.status.finished:
+            ro.finish_reason = FINISH_REASON[req.status]
+            ro.stop_reason = req.stop_reason
+            ro.timings = RequestTimings(
+                arrival=req.arrival_time,
+                first_scheduled=req.first_scheduled_time or now,
+                first_token=req.first_token_time,
+                finished=now,
+                num_preemptions=req.num_preemptions,
+            )
+            self.running.remove(req)
+            del self.requests[req.request_id]
+            if req.keep_kv_on_finish:
+                self.held[req.request_id] = req
+            else:
+                self._release(req)
+        return ro
 
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.sampling_params

@@ -66,8 +66,8 @@ class DecoderLayer(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        x = self.o_proj(attn.forward(self.layer_id, q, k, v))
+        # Rotary embedding is applied by the backend: fast ones fuse it with the K/V store.
+        x = self.o_proj(attn.forward_rope(self.layer_id, q, k, v, positions, rope))
         h, residual = self.post_attention_layernorm(x, residual)
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(h))), residual
 

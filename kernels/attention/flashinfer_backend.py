@@ -1,0 +1,164 @@
+"""FlashInfer paged attention: tensor-core batch decode for the decode rows of a step and causal
+paged prefill for the (chunked) prefill rows, planned once per step and run by every layer. K/V
+are stored, with RoPE fused in, by `kernels/triton/rope_store.py`.
+
+The cache is the block-major tensor [num_blocks, num_layers, 2, block_size, Hkv, D]; a layer's
+view `kv_cache[:, layer]` is FlashInfer's NHD layout with a page stride of
+num_layers * 2 * block_size * Hkv * D elements, which FlashInfer reads through its strides.
+
+Page indices are gathered on the device from the block table (sizes known on the host, so no
+sync). CUDA graphs: `plan_cuda_graph` plans a per-batch-size decode wrapper whose index buffers
+are static (FlashInfer's use_cuda_graph mode); a graph captured after planning it replays
+correctly after re-planning the same wrapper.
+
+Prefill uses FlashInfer's "fa2" kernels by default, the same JIT module as tensor-core decode
+(one compile instead of two); `PDSERVE_FLASHINFER_PREFILL_BACKEND=auto` picks fa3 on Hopper.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels.attention.base import AttentionBackend, AttentionMetadata
+
+WORKSPACE_BYTES = 256 << 20
+
+
+class FlashInferAttentionBackend(AttentionBackend):
+    name = "flashinfer"
+    supports_cuda_graphs = True
+
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__(kv_cache, num_heads, num_kv_heads, head_dim, scale)
+        # Imported here: the CPU test suite must never import flashinfer or triton.
+        import flashinfer
+
+        from kernels.triton.rope_store import rope_and_store, store_kv
+
+        self._fi = flashinfer
+        self._rope_store = rope_and_store
+        self._store = store_kv
+        dev = kv_cache.device
+        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        self._decode_eager = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_tensor_cores=True
+        )
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self._workspace, "NHD", backend=os.environ.get("PDSERVE_FLASHINFER_PREFILL_BACKEND", "fa2")
+        )
+        self._graph_decode: dict[int, object] = {}  # batch size -> use_cuda_graph wrapper
+        self._decode = self._decode_eager
+        self._has_prefill = False
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def _page_info(self, m: AttentionMetadata):
+        """Host indptr / last-page lengths (int32 CPU tensors) and the device page indices
+        [total_pages] int32 of all sequences, in batch order."""
+        bs = m.block_size
+        counts = [-(-s // bs) for s in m.seq_lens_cpu]
+        indptr = [0]
+        for c in counts:
+            indptr.append(indptr[-1] + c)
+        last = [s - (c - 1) * bs for s, c in zip(m.seq_lens_cpu, counts, strict=True)]
+        total = indptr[-1]
+        dev = m.block_tables.device
+        counts_dev = torch.div(m.seq_lens + (bs - 1), bs, rounding_mode="floor")
+        rows = torch.repeat_interleave(
+            torch.arange(m.num_seqs, device=dev), counts_dev, output_size=total
+        )
+        first = torch.cumsum(counts_dev, 0) - counts_dev  # exclusive prefix sum
+        cols = torch.arange(total, device=dev) - first[rows]
+        indices = m.block_tables[rows, cols].to(torch.int32)
+        return (
+            torch.tensor(indptr, dtype=torch.int32),
+            torch.tensor(last, dtype=torch.int32),
+            indices,
+            indptr,
+        )
+
+    def _plan_decode(self, wrapper, indptr, indices, last) -> None:
+        dtype = self.kv_cache.dtype
+        wrapper.plan(
+            indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
+            self.kv_cache.shape[3], q_data_type=dtype, kv_data_type=dtype,
+            sm_scale=self.scale,
+        )
+
+    def plan(self, metadata: AttentionMetadata) -> None:
+        self.metadata = m = metadata
+        nd = m.num_decode_seqs
+        indptr, last, indices, indptr_list = self._page_info(m)
+        self._decode = self._decode_eager
+        if nd:
+            split = indptr_list[nd]
+            self._plan_decode(self._decode, indptr[: nd + 1], indices[:split], last[:nd])
+        self._has_prefill = nd < m.num_seqs
+        if self._has_prefill:
+            split = indptr_list[nd]
+            q0 = m.query_start_loc_cpu[nd]
+            qo_indptr = torch.tensor([s - q0 for s in m.query_start_loc_cpu[nd:]], dtype=torch.int32)
+            dtype = self.kv_cache.dtype
+            self._prefill.plan(
+                qo_indptr, indptr[nd:] - split, indices[split:], last[nd:],
+                self.num_heads, self.num_kv_heads, self.head_dim, self.kv_cache.shape[3],
+                causal=True, sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype,
+            )
+
+    def plan_cuda_graph(self, metadata: AttentionMetadata) -> None:
+        m = metadata
+        if m.num_decode_seqs != m.num_seqs:
+            raise ValueError("CUDA graphs cover pure-decode batches only")
+        bs = m.num_seqs
+        wrapper = self._graph_decode.get(bs)
+        if wrapper is None:
+            dev = self.kv_cache.device
+            wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
+                paged_kv_indices_buffer=torch.zeros(
+                    bs * m.block_tables.shape[1], dtype=torch.int32, device=dev
+                ),
+                paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=dev),
+            )
+            self._graph_decode[bs] = wrapper
+        self.metadata = m
+        indptr, last, indices, _ = self._page_info(m)
+        self._plan_decode(wrapper, indptr, indices, last)
+        self._decode = wrapper
+        self._has_prefill = False
+
+    # -- running ----------------------------------------------------------------------------
+
+    def _attend(self, q: torch.Tensor, layer_view: torch.Tensor) -> torch.Tensor:
+        m = self.metadata
+        nd = m.num_decode_seqs
+        out = torch.empty_like(q)
+        if nd:
+            self._decode.run(q[:nd], layer_view, out=out[:nd])
+        if self._has_prefill:
+            self._prefill.run(q[nd:], layer_view, out=out[nd:])
+        return out.view(q.shape[0], self.num_heads * self.head_dim)
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        m = self.metadata
+        assert m is not None, "plan() must be called before forward()"
+        view = self.kv_cache[:, layer]
+        self._store(k, v, view, m.slot_mapping)
+        return self._attend(q.contiguous(), view)
+
+    def forward_rope(self, layer, q, k, v, positions, rope) -> torch.Tensor:
+        m = self.metadata
+        assert m is not None, "plan() must be called before forward()"
+        view = self.kv_cache[:, layer]
+        q = self._rope_store(q, k, v, positions, rope.cos, rope.sin, view, m.slot_mapping)
+        return self._attend(q, view)

@@ -1,0 +1,121 @@
+"""Runtime capability checks: what this process can run on this device, decided when the
+engine starts (never from compile-time flags), with the reason for each decision.
+
+- FlashInfer attention needs a CUDA device of compute capability sm80+ and an importable
+  `flashinfer` (it needs Triton too: K/V are stored by a Triton kernel).
+- Triton kernels (fused RMSNorm / SiLU·mul / RoPE + K/V store, and the Triton attention) need
+  sm75+ and an importable `triton`.
+- Everything else falls back to the torch references.
+
+The attention backend is chosen from the first usable entry of flashinfer → triton → torch,
+starting at the requested one (`--attention-backend`, else env `PDSERVE_ATTENTION_BACKEND`,
+else "auto" = the top), and logged in ONE line naming the backend and why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from typing import NamedTuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ATTENTION_CHAIN = ("flashinfer", "triton", "torch")
+MIN_CAPABILITY = {"flashinfer": (8, 0), "triton": (7, 5)}
+ENV_ATTENTION_BACKEND = "PDSERVE_ATTENTION_BACKEND"
+
+
+class Choice(NamedTuple):
+    name: str
+    why: str
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device, None for any other device."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.cache
+def module_version(name: str) -> str | None:
+    """The imported module's version, None when it cannot be imported (any error counts:
+    a broken install must fall back, not crash the engine)."""
+    try:
+        mod = importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - ImportError, OSError from a missing .so, CUDA errors...
+        return None
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+def module_available(name: str) -> bool:
+    return module_version(name) is not None
+
+
+def _sm(cap: tuple[int, int]) -> str:
+    return f"sm{cap[0]}{cap[1]}"
+
+
+def why_not(backend: str, device: torch.device) -> str | None:
+    """None when `backend` can run on `device`, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    cap = device_capability(device)
+    if cap is None:
+        return f"{backend} needs a CUDA device, this one is {device.type}"
+    need = MIN_CAPABILITY[backend]
+    if cap < need:
+        return f"{backend} needs {_sm(need)}+, this device is {_sm(cap)}"
+    if not module_available("triton"):
+        return f"{backend} needs triton, which cannot be imported"
+    if backend == "flashinfer" and not module_available("flashinfer"):
+        return "flashinfer cannot be imported"
+    return None
+
+
+def choose_attention_backend(requested: str, device: torch.device) -> Choice:
+    """Resolve a requested backend name ("auto", "flashinfer", "triton", "torch") to the one
+    that will run, falling down the chain from the request. Raises ValueError for an unknown
+    name. Pure apart from the capability/import probes above (tests monkeypatch those)."""
+    if requested == "auto":
+        requested = os.environ.get(ENV_ATTENTION_BACKEND, "auto") or "auto"
+    if requested != "auto" and requested not in ATTENTION_CHAIN:
+        raise ValueError(
+            f"unknown attention backend {requested!r}; choose from auto, {', '.join(ATTENTION_CHAIN)}"
+        )
+    if requested == "auto" and device.type != "cuda":
+        return Choice("torch", f"the only backend for device {device.type}")
+    start = 0 if requested == "auto" else ATTENTION_CHAIN.index(requested)
+    reasons: list[str] = []
+    for name in ATTENTION_CHAIN[start:]:
+        reason = why_not(name, device)
+        if reason is None:
+            if requested == "auto":
+                head = "fastest available" if not reasons else "; ".join(reasons)
+            else:
+                head = "requested" if not reasons else f"{requested} requested, but " + "; ".join(reasons)
+            return Choice(name, head)
+        reasons.append(reason)
+    raise AssertionError("the torch backend always runs")  # pragma: no cover
+
+
+def triton_ops_usable(device: torch.device) -> Choice:
+    """Whether the fused Triton ops (RMSNorm, SiLU·mul) can replace the torch references."""
+    reason = why_not("triton", device)
+    return Choice("triton" if reason is None else "torch", reason or "sm75+ with triton")
+
+
+def install_fused_ops(device: torch.device) -> str:
+    """Route `kernels.ops` to the Triton kernels when they can run on `device`; logs one line
+    and returns the implementation name ("triton" or "torch")."""
+    choice = triton_ops_usable(device)
+    if choice.name == "triton":
+        from kernels.triton import install
+
+        install()
+    log.info("fused ops: %s (%s)", choice.name, choice.why)
+    return choice.name

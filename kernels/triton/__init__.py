@@ -1,0 +1,51 @@
+"""Triton kernels for CUDA devices, one file per kernel. Importing this package imports
+triton: only code that has checked for CUDA and Triton (`kernels.capabilities`) imports it.
+
+`install()` routes `kernels.ops` (RMSNorm with fused residual add, SiLU·mul) to these kernels for
+CUDA tensors; tensors on other devices still take the torch references, so a CPU model in the
+same process is unaffected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import ops
+from kernels.triton.rms_norm import add_rms_norm as _add_rms_norm
+from kernels.triton.rms_norm import rms_norm as _rms_norm
+from kernels.triton.silu_mul import silu_and_mul as _silu_and_mul
+
+
+def _rms_norm_dispatch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.is_cuda and x.dim() == 2:
+        return _rms_norm(x, weight, eps)
+    return ops.rms_norm_ref(x, weight, eps)
+
+
+def _add_rms_norm_dispatch(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.is_cuda and x.dim() == 2:
+        return _add_rms_norm(x, residual, weight, eps)
+    return ops.add_rms_norm_ref(x, residual, weight, eps)
+
+
+def _silu_and_mul_dispatch(gate_up: torch.Tensor) -> torch.Tensor:
+    if gate_up.is_cuda and gate_up.dim() == 2:
+        return _silu_and_mul(gate_up)
+    return ops.silu_and_mul_ref(gate_up)
+
+
+def install() -> None:
+    """Make `kernels.ops` use the Triton kernels for CUDA tensors (idempotent)."""
+    ops.set_impl(
+        rms_norm=_rms_norm_dispatch,
+        add_rms_norm=_add_rms_norm_dispatch,
+        silu_and_mul=_silu_and_mul_dispatch,
+    )
+
+
+def uninstall() -> None:
+    """Back to the torch references (tests use this to compare both paths in one process)."""
+    ops.set_impl(rms_norm=ops.rms_norm_ref, add_rms_norm=ops.add_rms_norm_ref,
+                 silu_and_mul=ops.silu_and_mul_ref)

@@ -1,0 +1,122 @@
+"""The FastAPI application: routes, middleware and error handlers, nothing else.
+
+Routes are thin: they hand the parsed body to `completions` / `chat`, which do the work.
+`create_app` takes a ready `ServerContext` and an optional lifespan (the launcher's, which
+binds the control plane and starts the workers); it starts no processes itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from router.registry import WorkerState
+from server.api.chat import create_chat_completion
+from server.api.completions import create_completion
+from server.api.context import ServerContext
+from server.api.errors import APIError, install_error_handlers
+from server.api.middleware import APIKeyMiddleware, HTTPMetricsMiddleware
+from server.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from server.api.responses import json_response
+from server.frontend.prompts import chat_prompt
+from server.metrics import WorkerSample
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+def create_app(ctx: ServerContext, lifespan: Lifespan | None = None) -> FastAPI:
+    app = FastAPI(title="pdserve", lifespan=lifespan)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    ctx.metrics.attach_workers(lambda: _worker_samples(ctx))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(ctx, body, request.receive)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(ctx, body, request.receive)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        model = ctx.cluster.registry.model
+        cards = [
+            {
+                "id": name,
+                "object": "model",
+                "created": ctx.created,
+                "owned_by": "pdserve",
+                "root": model.model_name if model else name,
+                "max_model_len": ctx.max_model_len if model else None,
+            }
+            for name in ctx.model_names
+        ]
+        return json_response({"object": "list", "data": cards})
+
+    @app.get("/health")
+    async def health() -> Response:
+        reg = ctx.cluster.registry
+        if reg.all_ready():
+            return json_response({"status": "ok", "workers": len(reg.workers)})
+        states = {w.worker_id: w.state.value for w in reg.workers.values()}
+        raise APIError(503, f"not ready: workers {states}", retry_after=5)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> Response:
+        ctx.check_model(body.model)
+        try:
+            if body.messages is not None:
+                prompt = chat_prompt(
+                    ctx.tokenizer,
+                    [m.model_dump(exclude_none=True) for m in body.messages],
+                    add_generation_prompt=body.add_generation_prompt,
+                )
+                ids = prompt.token_ids
+            elif body.prompt is not None:
+                ids = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            else:
+                raise ValueError("send either prompt or messages.")
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        return json_response({"tokens": ids, "count": len(ids), "max_model_len": ctx.max_model_len})
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        ctx.check_model(body.model)
+        vocab = ctx.vocab_size or ctx.tokenizer.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(
+                400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab}).", param="tokens"
+            )
+        return json_response({"prompt": ctx.tokenizer.decode(body.tokens)})
+
+    # Outermost first: count every response, including 401s.
+    if ctx.config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=ctx.config.api_key)
+    app.add_middleware(
+        HTTPMetricsMiddleware,
+        counter=ctx.metrics.http_requests,
+        known_paths=lambda: [getattr(r, "path", "") for r in app.routes],
+    )
+    return app
+
+
+def _worker_samples(ctx: ServerContext) -> list[WorkerSample]:
+    return [
+        WorkerSample(w.worker_id, w.role, w.state is WorkerState.READY, w.stats)
+        for w in ctx.cluster.registry.workers.values()
+    ]

@@ -1,0 +1,140 @@
+"""POST /v1/completions: prompts -> `Generation` -> a text_completion object or its SSE stream."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive
+
+from server.api.context import ServerContext
+from server.api.errors import APIError, error_body
+from server.api.generation import Choice, Generation, GenerationError
+from server.api.logprobs import CompletionLogprobs, merge_completion_logprobs
+from server.api.protocol import CompletionRequest
+from server.api.responses import json_response
+from server.api.sse import DONE, ClientDisconnected, StreamingBody, run_until_disconnect, sse_event
+from server.frontend.prompts import completion_prompts, resolve_max_tokens
+
+logger = logging.getLogger(__name__)
+
+
+def build_generation(
+    ctx: ServerContext, req: CompletionRequest, request_id: str, arrival: float
+) -> Generation:
+    """Validate and tokenize; every client mistake becomes APIError(400) (404: unknown model)."""
+    if req.unknown_fields():
+        logger.debug("%s: ignoring unknown fields %s", request_id, req.unknown_fields())
+    ctx.check_model(req.model)
+    try:
+        req.check()
+        prompts = completion_prompts(ctx.tokenizer, req.prompt)
+        max_len = ctx.max_model_len
+        params = [
+            req.sampling_params(
+                resolve_max_tokens(req.max_tokens, len(p.token_ids), max_len),
+                req.logprobs,
+                ctx.vocab_size,
+            )
+            for p in prompts
+        ]
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+    return Generation(ctx, request_id, prompts, params, req.n, arrival)
+
+
+async def create_completion(
+    ctx: ServerContext, req: CompletionRequest, receive: Receive
+) -> Response:
+    arrival = time.monotonic()
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    gen = build_generation(ctx, req, request_id, arrival)
+    gen.start()
+    head = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": ctx.model_name,
+    }
+    if req.stream:
+        return StreamingBody(_stream(ctx, req, gen, head))
+    try:
+        await run_until_disconnect(receive, gen.run_to_end())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except GenerationError as exc:
+        raise APIError(exc.status, exc.message) from None
+    return json_response(
+        {**head, "choices": [_final_choice(ctx, req, c) for c in gen.choices], "usage": gen.usage()}
+    )
+
+
+def _echo_text(ctx: ServerContext, c: Choice) -> str:
+    p = c.prompt
+    return (
+        p.text
+        if p.text is not None
+        else ctx.tokenizer.decode(p.token_ids, skip_special_tokens=False)
+    )
+
+
+def _final_choice(ctx: ServerContext, req: CompletionRequest, c: Choice) -> dict[str, Any]:
+    st = c.state
+    text = st.text
+    logprobs = None
+    if req.logprobs is not None:
+        lp = CompletionLogprobs(ctx.token_text)
+        parts = [lp.prompt(c.prompt.token_ids)] if req.echo else []
+        parts.append(lp.generated(st.logprobs[: len(st.token_ids)]))
+        logprobs = merge_completion_logprobs(parts)
+    if req.echo:
+        text = _echo_text(ctx, c) + text
+    return {
+        "index": c.index,
+        "text": text,
+        "logprobs": logprobs,
+        "finish_reason": st.finish_reason,
+        "stop_reason": st.stop_reason,
+    }
+
+
+async def _stream(
+    ctx: ServerContext, req: CompletionRequest, gen: Generation, head: dict[str, Any]
+) -> AsyncIterator[bytes]:
+    want_logprobs = req.logprobs is not None
+    lps = (
+        {c.index: CompletionLogprobs(ctx.token_text) for c in gen.choices} if want_logprobs else {}
+    )
+
+    def chunk(index: int, text: str, logprobs: Any, finish: str | None, stop: Any) -> bytes:
+        choice = {
+            "index": index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            "stop_reason": stop,
+        }
+        return sse_event({**head, "choices": [choice]})
+
+    try:
+        if req.echo:
+            for c in gen.choices:
+                echo_lp = lps[c.index].prompt(c.prompt.token_ids) if want_logprobs else None
+                yield chunk(c.index, _echo_text(ctx, c), echo_lp, None, None)
+        async for batch in gen.updates():
+            out = []
+            for c, d in batch:
+                logprobs = lps[c.index].generated(d.logprobs or []) if want_logprobs else None
+                if d.text or d.finish_reason is not None or (want_logprobs and d.token_ids):
+                    out.append(chunk(c.index, d.text, logprobs, d.finish_reason, d.stop_reason))
+            if out:
+                yield b"".join(out)
+        if req.include_usage():
+            yield sse_event({**head, "choices": [], "usage": gen.usage()})
+    except GenerationError as exc:
+        yield sse_event(error_body(exc.status, exc.message))
+    yield DONE

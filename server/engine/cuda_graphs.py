@@ -1,0 +1,167 @@
+"""CUDA graphs for decode steps: one graph per batch-size bucket, replayed with the step's
+inputs copied into static buffers, so a decode step costs one H2D copy, a few tiny copies, the
+backend's plan and one graph launch instead of ~15 kernel launches per layer.
+
+- Buckets 1, 2, 4, ..., up to max_num_seqs (which is itself a bucket). A batch of n sequences
+  runs in the smallest bucket >= n; rows n..bucket-1 are padding: token 0 at position 0, slot -1
+  (the K/V store skips it) and a one-token context in the dummy block (a KV block that the block
+  manager never hands out), so they compute finite garbage that nobody reads.
+- Captured largest-first into one memory pool: smaller graphs reuse the largest one's
+  activation memory.
+- Inputs: one pinned host buffer, one H2D copy per step into a device buffer of fixed layout
+  [ids | positions | slots | seq_lens | block tables]; ids/positions/slots are int64 views of it,
+  seq_lens and block tables are converted into int32 static tensors. The pinned buffer is
+  rewritten only at the next step, after the sampler's device->host copy has synchronised.
+- Only backends with `supports_cuda_graphs` are captured (FlashInfer, Triton); the attention
+  plan runs before each replay, outside the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple
+
+import torch
+
+from kernels.attention.base import AttentionBackend, AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class DecodeBatch(NamedTuple):
+    """Host description of a pure-decode step (one new token per sequence)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+
+
+def bucket_sizes(max_num_seqs: int) -> list[int]:
+    return [b for b in BUCKETS if b < max_num_seqs] + [max_num_seqs]
+
+
+class CudaGraphRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        attn: AttentionBackend,
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        dummy_block: int,
+        device: torch.device,
+    ) -> None:
+        if not attn.supports_cuda_graphs:
+            raise ValueError(f"attention backend {attn.name!r} does not support CUDA graphs")
+        self.model = model
+        self.attn = attn
+        self.block_size = block_size
+        self.sizes = bucket_sizes(max_num_seqs)
+        self.max_bs = n = self.sizes[-1]
+        self.width = -(-max_model_len // block_size)  # block-table columns
+        self.dummy_block = dummy_block
+        self.device = device
+        # Fixed layout of the packed int64 buffer (offsets depend on max_bs only).
+        self._o_pos, self._o_slot, self._o_len, self._o_tab = n, 2 * n, 3 * n, 4 * n
+        total = 4 * n + n * self.width
+        self._host = torch.zeros(total, dtype=torch.int64, pin_memory=True)
+        self._host_np = self._host.numpy()
+        self._dev = torch.zeros(total, dtype=torch.int64, device=device)
+        self.input_ids = self._dev[:n]
+        self.positions = self._dev[self._o_pos : self._o_pos + n]
+        self.slots = self._dev[self._o_slot : self._o_slot + n]
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((n, self.width), dummy_block, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def bucket(self, n: int) -> int:
+        for b in self.sizes:
+            if b >= n:
+                return b
+        raise ValueError(f"batch of {n} exceeds the largest captured size {self.max_bs}")
+
+    def can_run(self, batch_size: int, max_blocks: int) -> bool:
+        return 0 < batch_size <= self.max_bs and max_blocks <= self.width
+
+    def _stage(self, batch: DecodeBatch, bs: int) -> tuple[AttentionMetadata, int]:
+        """Write the padded batch into the pinned buffer, copy it to the device once, fill the
+        static int32 tensors; returns the metadata over the static buffers and the table width
+        used."""
+        n = len(batch.input_ids)
+        h = self._host_np
+        h[:n] = batch.input_ids
+        h[n:bs] = 0
+        h[self._o_pos : self._o_pos + n] = batch.positions
+        h[self._o_pos + n : self._o_pos + bs] = 0
+        h[self._o_slot : self._o_slot + n] = batch.slots
+        h[self._o_slot + n : self._o_slot + bs] = -1
+        h[self._o_len : self._o_len + n] = batch.seq_lens
+        h[self._o_len + n : self._o_len + bs] = 1
+        w = max((len(t) for t in batch.block_tables), default=1)
+        tab = h[self._o_tab : self._o_tab + bs * w].reshape(bs, w)
+        tab[:] = self.dummy_block
+        for i, t in enumerate(batch.block_tables):
+            tab[i, : len(t)] = t
+        end = self._o_tab + bs * w
+        self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        self.seq_lens[:bs].copy_(self._dev[self._o_len : self._o_len + bs])
+        self.block_tables[:bs, :w].copy_(self._dev[self._o_tab : end].view(bs, w))
+        seq_lens = list(batch.seq_lens) + [1] * (bs - n)
+        meta = AttentionMetadata(
+            num_seqs=bs,
+            num_decode_seqs=bs,
+            num_tokens=bs,
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            slot_mapping=self.slots[:bs],
+            query_lens_cpu=[1] * bs,
+            seq_lens_cpu=seq_lens,
+            query_start_loc_cpu=list(range(bs + 1)),
+            block_size=self.block_size,
+        )
+        return meta, w
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first, into one pool."""
+        t0 = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        for bs in reversed(self.sizes):
+            pad = DecodeBatch([], [], [], [], [])
+            meta, _ = self._stage(pad, bs)
+            self.attn.plan_cuda_graph(meta)
+            # Warm-up outside the graph: compiles Triton kernels, creates cuBLAS handles.
+            self.model(self.input_ids[:bs], self.positions[:bs], self.attn)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.model(self.input_ids[:bs], self.positions[:bs], self.attn)
+            if self._pool is None:
+                self._pool = graph.pool()
+            self._graphs[bs] = (graph, out)
+        torch.cuda.synchronize(self.device)
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        log.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s, %.0f MiB",
+                 len(self._graphs), ",".join(map(str, self.sizes)), time.perf_counter() - t0,
+                 used / 2**20)
+
+    @torch.inference_mode()
+    def run(self, batch: DecodeBatch) -> torch.Tensor:
+        """Replay the bucket's graph on `batch`; returns hidden states [n, hidden] (a view of
+        the graph's output buffer, valid until the next replay)."""
+        n = len(batch.input_ids)
+        bs = self.bucket(n)
+        meta, _ = self._stage(batch, bs)
+        self.attn.plan_cuda_graph(meta)
+        graph, out = self._graphs[bs]
+        graph.replay()
+        return out[:n]
+

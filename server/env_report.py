@@ -1,0 +1,60 @@
+"""`pdserve env`: what this host can run. Versions of torch / CUDA / driver / triton /
+flashinfer / nixl, each CUDA device's name, capability and memory, and the attention backend
+and fused-op implementation the engine would choose there (with the reason)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+
+import torch
+
+from kernels.capabilities import choose_attention_backend, module_version, triton_ops_usable
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+
+
+def report() -> list[tuple[str, str]]:
+    """(key, value) lines of the report."""
+    cuda = torch.cuda.is_available()
+    rows = [
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("torch CUDA", str(torch.version.cuda)),
+        ("CUDA available", str(cuda)),
+        ("driver", (_driver_version() or "n/a") if cuda else "n/a"),
+    ]
+    for name in ("triton", "flashinfer", "nixl"):
+        # triton/flashinfer are GPU-only: probed only where CUDA is (nixl also moves host memory).
+        probe = cuda or name == "nixl"
+        rows.append((name, (module_version(name) or "not importable") if probe else "not probed (no CUDA)"))
+    devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if cuda else []
+    for dev in devices or [torch.device("cpu")]:
+        if dev.type == "cuda":
+            props = torch.cuda.get_device_properties(dev)
+            cap = torch.cuda.get_device_capability(dev)
+            rows.append((str(dev), f"{props.name}, sm{cap[0]}{cap[1]}, {props.total_memory / 2**30:.1f} GiB, "
+                                   f"{props.multi_processor_count} SMs"))
+        attn = choose_attention_backend("auto", dev)
+        ops = triton_ops_usable(dev)
+        rows.append((f"{dev} attention", f"{attn.name} ({attn.why})"))
+        rows.append((f"{dev} fused ops", f"{ops.name} ({ops.why})"))
+    return rows
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    rows = report()
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+    return 0

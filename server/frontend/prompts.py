@@ -1,0 +1,94 @@
+"""Prompts in: text or token ids or chat messages -> token ids, checked against the context.
+
+Tokenization happens once, here, in the router process; workers only ever see token ids.
+Every failure is a `ValueError` whose message is meant for the client (HTTP 400).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from server.models.tokenizer import Tokenizer
+
+
+class Prompt(NamedTuple):
+    token_ids: list[int]
+    text: str | None  # the client's text, when it sent text (for echo)
+
+
+def completion_prompts(
+    tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list[list[int]]
+) -> list[Prompt]:
+    """The completions API's `prompt`: a string, strings, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif not prompt:
+        raise ValueError("prompt must not be empty.")
+    elif isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = tokenizer.encode(item)
+            out.append(Prompt(ids, item))
+        else:
+            out.append(Prompt(list(item), None))
+        if not out[-1].token_ids:
+            raise ValueError("prompt must contain at least one token.")
+    return out
+
+
+def chat_prompt(
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> Prompt:
+    """Render the model's own chat template and tokenize the result (no extra BOS: templates
+    that want one write it themselves). Raises ChatTemplateError (a ValueError)."""
+    text = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, **dict(template_kwargs or {})
+    )
+    if continue_final_message:
+        # Cut whatever the template appended after the last message (end-of-turn markers), so
+        # the model continues that message instead of starting a new one.
+        last = messages[-1].get("content")
+        if isinstance(last, str) and last:
+            cut = text.rfind(last)
+            if cut >= 0:
+                text = text[: cut + len(last)]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ValueError("the chat template produced an empty prompt.")
+    return Prompt(ids, text)
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
+    """The number of tokens to generate: `requested`, or all the context left when None.
+
+    Raises ValueError (naming both numbers) when the prompt leaves no room to generate, or
+    when prompt + requested tokens exceed the context."""
+    if prompt_len >= max_model_len:
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt has {prompt_len} tokens, which leaves no room for a completion. Please "
+            "reduce the length of the prompt."
+        )
+    remaining = max_model_len - prompt_len
+    if requested is None:
+        return remaining
+    if requested < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {requested}.")
+    if requested > remaining:
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+            f"{requested} for the completion). Please reduce the length of the prompt or "
+            "max_tokens."
+        )
+    return requested

@@ -1,0 +1,23 @@
+"""Load only a model's tokenizer (the router process needs no weights).
+
+Resolves a model reference the way `server.models.loader.load_model` does: None is the
+embedded default GGUF, a file is a GGUF, a folder is a Hugging Face model folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.models.loader import embedded_model_path
+from server.models.tokenizer import Tokenizer
+
+
+def load_tokenizer(model: str | None) -> Tokenizer:
+    path = embedded_model_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {str(path)!r} does not exist (expected a GGUF file or a folder)"
+        )
+    if path.is_file():
+        return Tokenizer.from_gguf(path)
+    return Tokenizer.from_hf_folder(path)
