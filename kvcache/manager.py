@@ -272,6 +272,13 @@ class KVCacheManager:
         self._event_seq += 1
         return batch
 
+    def snapshot(self) -> tuple[list[int], int]:
+        """(every cached block hash, seq of the next event batch): what a consumer that
+        missed events resyncs from. Pending events are reflected in the hashes, so they are
+        dropped rather than sent."""
+        self.pool.take_events()
+        return list(self.pool.hash_to_block), self._event_seq
+
     # ---------------------------------------------------------------- integrity
 
     def check_integrity(self) -> None:

@@ -8,6 +8,7 @@ from kvcache.transfer.base import (
     KVEndpoint,
     KVLayout,
     SendResult,
+    endpoint_problems,
 )
 from kvcache.transfer.collate import Region, collate
 
@@ -22,6 +23,7 @@ __all__ = [
     "SendResult",
     "collate",
     "create_connector",
+    "endpoint_problems",
 ]
 
 

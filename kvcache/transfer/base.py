@@ -92,6 +92,17 @@ class _Notice(msgspec.Struct, array_like=True):
     payload: bytes
 
 
+def endpoint_problems(mine: KVEndpoint, theirs: KVEndpoint) -> list[str]:
+    """Every reason the two workers cannot exchange KV ([] when they can): connector
+    version, transport, and each KV layout field (model, dtype, block size, shape, layout)."""
+    problems = []
+    if theirs.version != mine.version:
+        problems.append(f"connector version: {mine.version} here vs {theirs.version} there")
+    if theirs.transport != mine.transport:
+        problems.append(f"transport: {mine.transport} here vs {theirs.transport} there")
+    return problems + mine.layout.differences(theirs.layout)
+
+
 NOTICE = msgspec.msgpack.Encoder()
 NOTICE_DECODER = msgspec.msgpack.Decoder(_Notice)
 
@@ -112,16 +123,15 @@ class KVConnector(ABC):
             )
         self.peers: dict[str, KVEndpoint] = {}
         self.collated = True  # False only for the benchmark's per-page baseline
+        # A ZMQ socket that becomes readable when something arrives, for the owner's poller
+        # (None: the transport has none; poll `poll_received` periodically instead).
+        self.wakeup_socket = None
 
     # -- peers --------------------------------------------------------------------------------
 
     def check_peer(self, ep: KVEndpoint) -> None:
-        problems = []
-        if ep.version != CONNECTOR_VERSION:
-            problems.append(f"connector version: {CONNECTOR_VERSION} here vs {ep.version} there")
-        if ep.transport != self.transport:
-            problems.append(f"transport: {self.transport} here vs {ep.transport} there")
-        problems += self.layout.differences(ep.layout)
+        mine = KVEndpoint(self.worker_id, self.transport, CONNECTOR_VERSION, self.layout, 0, "", 0, 0)
+        problems = endpoint_problems(mine, ep)
         if problems:
             raise IncompatiblePeerError(
                 f"worker {ep.worker_id!r} cannot exchange KV with {self.worker_id!r}: "

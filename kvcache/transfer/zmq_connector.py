@@ -57,6 +57,7 @@ class ZmqConnector(KVConnector):
         self._bytes = kv_cache.view(-1).view(torch.uint8)
         self.push: dict[str, zmq.Socket] = {}
         self._pending: list[_Pending] = []
+        self.wakeup_socket = self.pull
 
     def endpoint(self) -> KVEndpoint:
         return KVEndpoint(
@@ -83,7 +84,11 @@ class ZmqConnector(KVConnector):
     def _disconnect(self, worker_id: str) -> None:
         sock = self.push.pop(worker_id, None)
         if sock is not None:
-            sock.close()
+            sock.close()  # linger 0: queued frames are dropped, never delivered
+        for p in self._pending:
+            # Still reported only once ZMQ lets go of the source memory (the tracker).
+            if p.peer_id == worker_id and p.error is None:
+                p.error = f"KV peer {worker_id!r} was removed before the send completed"
 
     def send(
         self,
@@ -136,7 +141,7 @@ class ZmqConnector(KVConnector):
     def poll_sent(self) -> list[SendResult]:
         done, still = [], []
         for p in self._pending:
-            if p.error is not None:
+            if p.error is not None and (p.tracker is None or p.tracker.done):
                 done.append(
                     SendResult(p.request_id, p.peer_id, False, 0, p.ndesc, now() - p.t0, p.error)
                 )

@@ -86,6 +86,10 @@ class EngineCore:
         loaded = load_model(config.model, self.dtype, self.device, config.max_model_len,
                             progress=config.progress, seed=config.seed)
         self.model = loaded.model
+        if self.device.type == "cpu":
+            from kernels.cpu_linear import pack_linears
+
+            pack_linears(self.model)
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
@@ -227,16 +231,32 @@ class EngineCore:
         return first, self.kv.block_table(request_id)[first:]
 
     def remote_kv_arrived(self, request_id: str, token_id: int, logprobs=None) -> list[RequestOutput]:
+        req = self.scheduler.remote.get(request_id)
+        if req is not None and req.generator is not None and not req.sampling_params.greedy:
+            # The prefill worker drew the first token's noise from this seed: skip that draw,
+            # so a seeded request samples the same tokens as it would on one worker.
+            torch.empty(self.vocab_size).uniform_(generator=req.generator)
         return self.scheduler.remote_arrived(request_id, token_id, logprobs)
 
     def remote_prefill_failed(self, request_id: str) -> bool:
         """Prefill the prompt here: the remote prefill is gone (worker died, transfer failed)."""
         return self.scheduler.remote_failed(request_id)
 
+    def remote_prefill_retried(self, request_id: str) -> bool:
+        """Another prefill worker will write the KV; False if the request no longer waits."""
+        return self.scheduler.remote_retry(request_id)
+
+    def remote_writer_gone(self, request_id: str) -> None:
+        """No KV write for this request is in flight or will start: its blocks need no
+        quarantine (freed now if the request already ended)."""
+        self.scheduler.remote_writer_gone(request_id)
+
     def add_prefill_only(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Prefill side: compute the prompt and sample the first token (with the request's own
         sampling parameters), then keep the KV blocks until `release_held`."""
-        req = self._validated_request(request_id, prompt_token_ids, msgspec.structs.replace(params, max_tokens=1, min_tokens=0))
+        # One token; min_tokens capped at 1 keeps EOS masked for the first token when it must be.
+        one = msgspec.structs.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
+        req = self._validated_request(request_id, prompt_token_ids, one)
         req.keep_kv_on_finish = True
         self.scheduler.add(req)
 

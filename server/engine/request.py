@@ -70,6 +70,7 @@ class Request:
         # A remote prefill may still write into this request's blocks until this time
         # (lease + grace): its blocks are not returned to the pool before then.
         self.quarantine_until = 0.0
+        self.remote_retried = False  # a second prefill worker was asked (see Scheduler.remote_retry)
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
             self.generator = torch.Generator()

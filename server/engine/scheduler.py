@@ -125,6 +125,8 @@ class Scheduler:
         prefill worker can write its KV into them. None if the blocks are not there now."""
         if req.request_id in self.requests or req.request_id in self.deferred:
             raise ValueError(f"request id {req.request_id!r} is already in use")
+        if len(self.running) + len(self.remote) >= self.config.max_num_seqs:
+            return None  # it could not join the batch when its KV lands
         match = self.kv.match_prefix(req.all_token_ids)
         if self.kv.allocate(req.request_id, req.num_prompt_tokens, match) is None:
             return None
@@ -151,7 +153,8 @@ class Scheduler:
                 del self.deferred[request_id]
                 self.kv.free(request_id)
             return []
-        req.quarantine_until = 0.0
+        if not req.remote_retried:  # else a first, presumed-dead writer may still land
+            req.quarantine_until = 0.0
         req.num_computed_tokens = req.num_prompt_tokens
         req.status = RequestStatus.RUNNING
         self.running.append(req)
@@ -167,6 +170,25 @@ class Scheduler:
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         return True
+
+    def remote_retry(self, request_id: str) -> bool:
+        """A second prefill worker will write this request's KV (the first is presumed dead).
+        False if the request no longer waits for KV. Its blocks then stay quarantined until
+        lease + grace even after the arrival: the first writer might still land."""
+        req = self.remote.get(request_id)
+        if req is None:
+            return False
+        req.remote_retried = True
+        return True
+
+    def remote_writer_gone(self, request_id: str) -> None:
+        """No write into this request's blocks is in flight or will start (the prefill worker
+        said so): lift the quarantine, freeing the blocks now if the request already ended."""
+        req = self.requests.get(request_id)
+        if req is not None:
+            req.quarantine_until = 0.0
+        elif self.deferred.pop(request_id, None) is not None:
+            self.kv.free(request_id)
 
     def expire_leases(self) -> list[str]:
         now = self.clock()
