@@ -22,8 +22,16 @@ class TorchAttentionBackend(AttentionBackend):
     def plan(self, metadata: AttentionMetadata) -> None:
         self.metadata = m = metadata
         bs = m.block_size
-        self._store_blocks = torch.div(m.slot_mapping, bs, rounding_mode="floor")
-        self._store_offsets = m.slot_mapping % bs
+        # The cache as rows of one token's K (or V) for one layer: [blocks * layers * 2 * bs, Hkv*D].
+        # Row of (block b, layer l, K, offset o) = ((b * L + l) * 2) * bs + o; V is bs rows later.
+        # Storing is then one index_copy_ per K/V on a contiguous 2-D tensor.
+        num_layers = self.kv_cache.shape[1]
+        blocks = torch.div(m.slot_mapping, bs, rounding_mode="floor")
+        base = blocks * (num_layers * 2 * bs) + m.slot_mapping % bs
+        layer_off = torch.arange(num_layers, device=base.device)[:, None] * (2 * bs)
+        self._k_rows = base[None, :] + layer_off  # [L, T]
+        self._v_rows = self._k_rows + bs
+        self._rows = self.kv_cache.view(-1, self.num_kv_heads * self.head_dim)
         nd = m.num_decode_seqs
         if nd:
             max_ctx = max(m.seq_lens_cpu[:nd])
@@ -50,10 +58,10 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.metadata
         assert m is not None, "plan() must be called before forward()"
-        cache = self.kv_cache[:, layer]  # [num_blocks, 2, block_size, Hkv, D]
-        cache[self._store_blocks, 0, self._store_offsets] = k
-        cache[self._store_blocks, 1, self._store_offsets] = v
         t = q.shape[0]
+        self._rows.index_copy_(0, self._k_rows[layer], k.reshape(t, -1))
+        self._rows.index_copy_(0, self._v_rows[layer], v.reshape(t, -1))
+        cache = self.kv_cache[:, layer]  # [num_blocks, 2, block_size, Hkv, D]
         out = torch.empty(t, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
         nd = m.num_decode_seqs
         gqa = self.num_heads != self.num_kv_heads
