@@ -74,7 +74,9 @@ def arch_list() -> list[str]:
     return [a.removesuffix("+PTX") for a in raw.replace(";", " ").split() if a]
 
 
-def kernel_specs(head_dims: list[int], dtypes: list[str], backend: str, archs: list[str]) -> list[KernelSpec]:
+def kernel_specs(
+    head_dims: list[int], dtypes: list[str], backend: str, archs: list[str]
+) -> list[KernelSpec]:
     """The modules pdserve's FlashInfer backend requests. Tensor-core decode always uses fa2 (for
     non-fp8 dtypes FlashInfer's decode wrapper picks fa2); prefill uses `backend`, where "auto"
     means fa3 on Hopper (9.x) and fa2 elsewhere, so both are built when the list mixes them."""
@@ -82,10 +84,7 @@ def kernel_specs(head_dims: list[int], dtypes: list[str], backend: str, archs: l
     if backend == "fa3" or (backend == "auto" and any(a.startswith("9.") for a in archs)):
         backends.append("fa3")
     return [
-        KernelSpec(b, dt, hd)
-        for hd in sorted(set(head_dims))
-        for dt in dtypes
-        for b in backends
+        KernelSpec(b, dt, hd) for hd in sorted(set(head_dims)) for dt in dtypes for b in backends
     ]
 
 
@@ -146,8 +145,10 @@ def compile_only(specs: list[KernelSpec]) -> int:
     if not os.environ.get("FLASHINFER_CUDA_ARCH_LIST"):
         archs = arch_list()
         if not archs:
-            print("set FLASHINFER_CUDA_ARCH_LIST (e.g. '8.0 8.9 9.0') to compile without a GPU",
-                  file=sys.stderr)
+            print(
+                "set FLASHINFER_CUDA_ARCH_LIST (e.g. '8.0 8.9 9.0') to compile without a GPU",
+                file=sys.stderr,
+            )
             return 2
         os.environ["FLASHINFER_CUDA_ARCH_LIST"] = " ".join(archs)
     for k in specs:
@@ -157,8 +158,10 @@ def compile_only(specs: list[KernelSpec]) -> int:
         t0 = time.perf_counter()
         spec = _jit_spec(k)
         spec.build(verbose=False, need_lock=True)
-        print(f"built {k.describe()} in {time.perf_counter() - t0:.0f} s -> {spec.get_library_path()}",
-              flush=True)
+        print(
+            f"built {k.describe()} in {time.perf_counter() - t0:.0f} s -> {spec.get_library_path()}",
+            flush=True,
+        )
     return 0
 
 
@@ -224,11 +227,17 @@ def run_pdserve_backend(hc: HeadConfig, dtype_name: str, block_size: int) -> str
     q = torch.randn(t, h, d, dtype=dt, device=dev)
     k = torch.randn(t, hkv, d, dtype=dt, device=dev)
     v = torch.randn(t, hkv, d, dtype=dt, device=dev)
-    positions = torch.cat([torch.arange(s - ql, s) for s, ql in
-                           zip(meta.seq_lens_cpu, meta.query_lens_cpu, strict=True)]).to(dev)
+    positions = torch.cat(
+        [
+            torch.arange(s - ql, s)
+            for s, ql in zip(meta.seq_lens_cpu, meta.query_lens_cpu, strict=True)
+        ]
+    ).to(dev)
     inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=dev, dtype=torch.float32) / d))
     ang = torch.outer(torch.arange(4096, device=dev, dtype=torch.float32), inv)
-    rope = types.SimpleNamespace(cos=torch.cat([ang.cos()] * 2, -1), sin=torch.cat([ang.sin()] * 2, -1))
+    rope = types.SimpleNamespace(
+        cos=torch.cat([ang.cos()] * 2, -1), sin=torch.cat([ang.sin()] * 2, -1)
+    )
     backend.plan(meta)
     out = backend.forward_rope(0, q, k, v, positions, rope)  # fused RoPE + KV store (Triton)
     backend.plan(meta)
@@ -260,8 +269,19 @@ def run_flashinfer_wrappers(hc: HeadConfig, dtype_name: str, block_size: int, ba
     dec.run(torch.randn(2, h, d, dtype=dt, device=dev), cache)
     pre = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=backend)
     qo = torch.tensor([0, 8, 16], dtype=torch.int32)
-    pre.plan(qo, indptr, indices, last, h, hkv, d, block_size, causal=True, q_data_type=dt,
-             kv_data_type=dt)
+    pre.plan(
+        qo,
+        indptr,
+        indices,
+        last,
+        h,
+        hkv,
+        d,
+        block_size,
+        causal=True,
+        q_data_type=dt,
+        kv_data_type=dt,
+    )
     pre.run(torch.randn(16, h, d, dtype=dt, device=dev), cache)
     torch.cuda.synchronize()
     return "flashinfer wrappers (fallback)"
@@ -277,25 +297,36 @@ def run_on_gpu(configs: list[HeadConfig], dtypes: list[str], block_size: int, ba
             except (ImportError, TypeError) as exc:  # not installed, or its interface moved on
                 print(f"pdserve backend unusable ({exc!r}); using flashinfer directly", flush=True)
                 how = run_flashinfer_wrappers(hc, dt, block_size, backend)
-            print(f"warmed heads={hc.num_heads}/{hc.num_kv_heads} head_dim={hc.head_dim} {dt} "
-                  f"({hc.source}) via {how} in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(
+                f"warmed heads={hc.num_heads}/{hc.num_kv_heads} head_dim={hc.head_dim} {dt} "
+                f"({hc.source}) via {how} in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_argument_group("head configuration")
     src.add_argument("--model", help="GGUF file or Hugging Face folder")
     src.add_argument("--preset", help="a name from server/models/presets.py")
     src.add_argument("--head-dim", type=int, action="append", help="repeatable")
     src.add_argument("--num-heads", type=int, default=32, help="with --head-dim (GPU run only)")
     src.add_argument("--num-kv-heads", type=int, default=8, help="with --head-dim (GPU run only)")
-    p.add_argument("--dtype", action="append", choices=DTYPES,
-                   help="repeatable; default bfloat16 (what --dtype auto gives on CUDA)")
+    p.add_argument(
+        "--dtype",
+        action="append",
+        choices=DTYPES,
+        help="repeatable; default bfloat16 (what --dtype auto gives on CUDA)",
+    )
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--prefill-backend", choices=BACKENDS,
-                   default=os.environ.get("PDSERVE_FLASHINFER_PREFILL_BACKEND", "fa2"))
+    p.add_argument(
+        "--prefill-backend",
+        choices=BACKENDS,
+        default=os.environ.get("PDSERVE_FLASHINFER_PREFILL_BACKEND", "fa2"),
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compile-only", action="store_true", help="no GPU: compile, do not run")
     mode.add_argument("--check", action="store_true", help="exit 1 if a module is not cached")
@@ -309,8 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     configs = resolve_head_configs(args)
     specs = kernel_specs([c.head_dim for c in configs], dtypes, args.prefill_backend, arch_list())
     for c in configs:
-        print(f"head config: {c.num_heads} q / {c.num_kv_heads} kv heads, head_dim {c.head_dim} "
-              f"({c.source})", flush=True)
+        print(
+            f"head config: {c.num_heads} q / {c.num_kv_heads} kv heads, head_dim {c.head_dim} "
+            f"({c.source})",
+            flush=True,
+        )
     if args.list:
         for k in specs:
             print(k.describe())

@@ -41,7 +41,17 @@ class WorkerInfo:
     hello: Hello | None = None
     stats: EngineStats | None = None
     inflight: int = 0  # engine requests routed to it and not yet finished or aborted
+    prefill_inflight: int = 0  # remote prefills sent to it and not yet reported done
     dead_reason: str = ""
+
+    @property
+    def decodes(self) -> bool:
+        """It can run requests to the end (a prefill worker only computes prompts)."""
+        return self.role != "prefill"
+
+    @property
+    def kv_endpoint(self):
+        return self.hello.kv_endpoint if self.hello is not None else None
 
 
 class WorkerLoad(NamedTuple):
@@ -116,7 +126,15 @@ class WorkerRegistry:
         info.since = self.clock()
         info.dead_reason = reason
         info.inflight = 0
+        info.prefill_inflight = 0
         return True
+
+    def forget(self, worker_id: str) -> None:
+        """Drop a dead worker that is not coming back (one that joined on its own and left):
+        the cluster's health no longer counts it."""
+        info = self.workers.get(worker_id)
+        if info is not None and info.state is WorkerState.DEAD:
+            del self.workers[worker_id]
 
     def silent(self, heartbeat_timeout: float, start_timeout: float) -> list[tuple[str, str]]:
         """(worker_id, reason) of live workers that have been quiet too long."""
@@ -154,3 +172,6 @@ class WorkerRegistry:
 
     def total_inflight(self) -> int:
         return sum(w.inflight for w in self.ready())
+
+    def ready_decoders(self) -> list[WorkerInfo]:
+        return [w for w in self.ready() if w.decodes]

@@ -1,4 +1,5 @@
-"""`pdserve` command line: generate (offline), serve (API + workers), env (capabilities)."""
+"""`pdserve` command line: generate (offline), serve (API + workers), router (API alone) and
+worker (one worker joining a router, on any host), env (capabilities)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker that joins the router at --router (and leaves on SIGTERM / Ctrl-C)."""
+    import os
+    import socket
+
+    from server.worker.__main__ import run_worker
+
+    config = engine_config_from_args(args)
+    config.num_threads = args.worker_threads
+    worker_id = args.worker_id or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
+    return run_worker(
+        worker_id, args.role, args.router, config, heartbeat_interval=args.heartbeat_interval,
+        kv_transport=args.kv_transport, kv_host=args.kv_host,
+    )  # fmt: skip
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     from server.env_report import cmd_env
 
@@ -104,13 +121,27 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(func=_cmd_env)
 
     try:
-        from server.api.launch import add_serve_args, run_serve
+        from server.api.launch import add_router_args, add_serve_args, run_router, run_serve
+        from server.worker.__main__ import ROLES, add_kv_args
     except ImportError:
         pass
     else:
         s = sub.add_parser("serve", help="run the OpenAI-compatible server and its workers")
         add_serve_args(s)
         s.set_defaults(func=run_serve)
+        r = sub.add_parser("router", help="run the OpenAI-compatible server; workers join it")
+        add_router_args(r)
+        r.set_defaults(func=run_router)
+        w = sub.add_parser("worker", help="run one worker that joins a router")
+        w.add_argument("--router", required=True,
+                       help="the router's control address, e.g. tcp://router-host:5555")
+        w.add_argument("--role", default="both", choices=ROLES)
+        w.add_argument("--worker-id", default=None, help="default: ROLE-HOSTNAME-PID")
+        w.add_argument("--worker-threads", type=int, default=None)
+        w.add_argument("--heartbeat-interval", type=float, default=0.5)
+        add_kv_args(w)
+        add_engine_args(w)
+        w.set_defaults(func=cmd_worker)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),

@@ -10,6 +10,9 @@ One scrape target covers the cluster: the router process exports everything at `
     and hits, preemptions) are read at scrape time from each worker's latest `EngineStats`
     heartbeat and labelled `worker_id` (and `role`), so a dead worker's series disappear.
   * `pdserve:http_requests_total{method,handler,status}` counts every HTTP response.
+  * Disaggregation (`StageMetrics`, observed by the router as its control messages arrive):
+    every routing decision, fallbacks, and the stages of a request -- router queue, decode
+    queue, remote prefill queue and compute, KV transfer time, bytes, descriptors, failures.
 
 Each `ServerMetrics` owns its own `CollectorRegistry`, so several servers (or tests) in one
 process never collide.
@@ -44,11 +47,19 @@ REQUEST_LATENCY_BUCKETS = [
 ]  # fmt: skip
 
 
+# Stages that can take well under a millisecond (a KV transfer on one host) or many seconds.
+STAGE_BUCKETS = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+]  # fmt: skip
+
+
 class WorkerSample(NamedTuple):
     worker_id: str
     role: str
     up: bool
     stats: EngineStats | None
+    prefill_inflight: int = 0  # remote prefills the router has outstanding on it
 
 
 WorkerSource = Callable[[], Iterable[WorkerSample]]
@@ -95,7 +106,27 @@ class _WorkerStatsCollector(Collector):
             "preempt": CounterMetricFamily(
                 PREFIX + "num_preemptions", "Cumulative number of preemptions.", labels=labels
             ),
+            "expiries": CounterMetricFamily(
+                PREFIX + "kv_lease_expiries",
+                "Reservations whose remote KV never came (prefilled locally).",
+                labels=labels,
+            ),
         }
+        g["reserved"] = GaugeMetricFamily(
+            PREFIX + "remote_kv_reserved_blocks",
+            "KV blocks reserved for KV a prefill worker is sending.",
+            labels=labels,
+        )
+        g["remote_waiting"] = GaugeMetricFamily(
+            PREFIX + "num_requests_remote_waiting",
+            "Requests whose prompt KV is on its way from a prefill worker.",
+            labels=labels,
+        )
+        g["prefills"] = GaugeMetricFamily(
+            PREFIX + "remote_prefills_inflight",
+            "Remote prefills the router has outstanding on this worker.",
+            labels=labels,
+        )
         model = self._model_name()
         for w in self._source():
             lv = [model, w.worker_id, w.role]
@@ -109,6 +140,10 @@ class _WorkerStatsCollector(Collector):
             c["queries"].add_metric(lv, s.prefix_cache_queries)
             c["hits"].add_metric(lv, s.prefix_cache_hits)
             c["preempt"].add_metric(lv, s.num_preemptions)
+            c["expiries"].add_metric(lv, s.num_lease_expiries)
+            g["reserved"].add_metric(lv, s.remote_reserved_blocks)
+            g["remote_waiting"].add_metric(lv, s.num_remote_waiting)
+            g["prefills"].add_metric(lv, w.prefill_inflight)
         yield from g.values()
         yield from c.values()
 
@@ -197,6 +232,7 @@ class ServerMetrics:
             registry=r,
         )
         self._roles: dict[tuple[str, str], _RoleMetrics] = {}
+        self.stages = StageMetrics(r)
 
     def attach_workers(self, source: WorkerSource) -> None:
         self.registry.register(_WorkerStatsCollector(self.model_name, source))
@@ -210,6 +246,90 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StageMetrics:
+    """Disaggregation, per request stage. Definitions:
+
+    router queue   arrival at the router -> the request is sent to the worker that computes
+                   its prompt (for a remote prefill: after the decode worker's reservation)
+    decode queue   local: waiting in the decode worker's queue for blocks (its own timestamps);
+                   remote: ReserveRemote sent -> the decode worker's answer
+    remote prefill queue / time   in the prefill worker: queued -> scheduled -> first token
+    KV transfer time   send started -> the connector reported it done (prefill worker); the
+                       transfer series are labelled with the sending worker's id
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+
+        def hist(name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, registry=r, buckets=STAGE_BUCKETS)
+
+        self.decisions = Counter(
+            PREFIX + "disagg_decision",
+            "Routing decisions: where each request's prefill runs, and why.",
+            ["decision"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            PREFIX + "disagg_fallback",
+            "Remote prefills that became local ones (no_room, no_prefill_worker, prefill_failed).",
+            ["reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            PREFIX + "remote_prefill_retries",
+            "Remote prefills re-sent to another prefill worker after theirs died.",
+            registry=r,
+        )
+        self.router_queue = hist(
+            "router_queue_time_seconds", "Time from arrival to dispatch of the prefill.", ("path",)
+        )
+        self.decode_queue = hist(
+            "decode_queue_time_seconds",
+            "Time a request waited for its decode worker to take it.",
+            ("path",),
+        )
+        self.prefill_queue = hist(
+            "remote_prefill_queue_time_seconds", "Time queued in the prefill worker."
+        )
+        self.prefill_time = hist(
+            "remote_prefill_time_seconds", "Remote prefill compute: scheduled to first token."
+        )
+        # Labelled by the sending (prefill) worker.
+        sender = ("worker_id",)
+        self.transfer_time = hist(
+            "kv_transfer_seconds", "KV transfer time per request (completed ones).", sender
+        )
+        self.transfer_bytes = Counter(
+            PREFIX + "kv_transfer_bytes",
+            "KV bytes written into decode workers.",
+            sender,
+            registry=r,
+        )
+        self.transfer_descriptors = Counter(
+            PREFIX + "kv_transfer_descriptors",
+            "Transfer descriptors (contiguous regions) used to move them.",
+            sender,
+            registry=r,
+        )
+        self.transfer_failures = Counter(
+            PREFIX + "kv_transfer_failures",
+            "KV transfers that started and failed.",
+            sender,
+            registry=r,
+        )
+        self.prefill_cached_tokens = Counter(
+            PREFIX + "remote_prefill_cached_tokens",
+            "Prompt tokens prefill workers found in their own prefix caches.",
+            registry=r,
+        )
+        self.event_gaps = Counter(
+            PREFIX + "kv_event_gaps",
+            "Gaps detected in workers' KV event streams (each repaired by a resync).",
+            registry=r,
+        )
 
 
 class RequestTracker:

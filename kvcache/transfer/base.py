@@ -130,7 +130,9 @@ class KVConnector(ABC):
     # -- peers --------------------------------------------------------------------------------
 
     def check_peer(self, ep: KVEndpoint) -> None:
-        mine = KVEndpoint(self.worker_id, self.transport, CONNECTOR_VERSION, self.layout, 0, "", 0, 0)
+        mine = KVEndpoint(
+            self.worker_id, self.transport, CONNECTOR_VERSION, self.layout, 0, "", 0, 0
+        )
         problems = endpoint_problems(mine, ep)
         if problems:
             raise IncompatiblePeerError(

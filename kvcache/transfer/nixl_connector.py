@@ -6,10 +6,12 @@ with the notice as its notification, which NIXL delivers only after the data has
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 
+import msgspec
 import torch
 from nixl._api import nixl_agent, nixl_agent_config
 
@@ -25,6 +27,8 @@ from kvcache.transfer.base import (
     _Notice,
     now,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -143,7 +147,11 @@ class NixlConnector(KVConnector):
         arrivals = []
         for _agent, msgs in self.agent.get_new_notifs().items():
             for raw in msgs:
-                n = NOTICE_DECODER.decode(raw)
+                try:
+                    n = NOTICE_DECODER.decode(raw)
+                except msgspec.DecodeError as exc:
+                    log.error("dropped a malformed KV notification from %s: %s", _agent, exc)
+                    continue
                 if n.version == CONNECTOR_VERSION:
                     arrivals.append(Arrival(n.request_id, n.sender_id, n.payload))
         return arrivals

@@ -7,6 +7,7 @@ then reports the arrival. A send counts as finished when ZMQ no longer needs the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from kvcache.transfer.base import (
     _Notice,
     now,
 )
+
+log = logging.getLogger(__name__)
 
 _REGIONS = msgspec.msgpack.Decoder(list[tuple[int, int]])
 
@@ -161,13 +164,20 @@ class ZmqConnector(KVConnector):
                 frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return arrivals
-            notice = NOTICE_DECODER.decode(frames[0].bytes)
-            regions = _REGIONS.decode(frames[1].bytes)
+            try:
+                notice = NOTICE_DECODER.decode(frames[0].bytes)
+                regions = _REGIONS.decode(frames[1].bytes)
+                if len(regions) != len(frames) - 2 or any(
+                    off < 0 or n <= 0 or off + n > self._bytes.numel() or len(f) != n
+                    for (off, n), f in zip(regions, frames[2:], strict=False)
+                ):
+                    raise ValueError("regions do not match the frames or the KV cache")
+            except (ValueError, IndexError) as exc:  # msgspec.DecodeError is a ValueError
+                # Nothing was written; the request's lease covers the lost arrival.
+                log.error("dropped a malformed KV message (%d frames): %s", len(frames), exc)
+                continue
             for (off, n), frame in zip(regions, frames[2:], strict=True):
-                src = torch.frombuffer(frame.buffer, dtype=torch.uint8)
-                if src.numel() != n or off + n > self._bytes.numel():
-                    raise ValueError(f"malformed KV frame from {notice.sender_id!r}")
-                self._bytes[off : off + n].copy_(src)
+                self._bytes[off : off + n].copy_(torch.frombuffer(frame.buffer, dtype=torch.uint8))
             if notice.version == CONNECTOR_VERSION:
                 arrivals.append(Arrival(notice.request_id, notice.sender_id, notice.payload))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
+import msgspec
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
@@ -74,6 +75,18 @@ def create_app(ctx: ServerContext, lifespan: Lifespan | None = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    if ctx.config.debug_endpoints:
+
+        @app.get("/debug/integrity")
+        async def debug_integrity() -> Response:
+            """Every ready worker checks its KV cache (`check_integrity`) and reports its free
+            blocks and what still holds any: for fault tests and operators."""
+            reports = await ctx.cluster.check_integrity()
+            body = {wid: msgspec.structs.asdict(r) for wid, r in sorted(reports.items())}
+            for r in body.values():
+                del r["version"]
+            return json_response({"workers": body})
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> Response:
         ctx.check_model(body.model)
@@ -117,6 +130,6 @@ def create_app(ctx: ServerContext, lifespan: Lifespan | None = None) -> FastAPI:
 
 def _worker_samples(ctx: ServerContext) -> list[WorkerSample]:
     return [
-        WorkerSample(w.worker_id, w.role, w.state is WorkerState.READY, w.stats)
+        WorkerSample(w.worker_id, w.role, w.state is WorkerState.READY, w.stats, w.prefill_inflight)
         for w in ctx.cluster.registry.workers.values()
     ]

@@ -15,6 +15,7 @@ class ServerConfig:
     served_model_names: list[str] = field(default_factory=list)  # empty: the engine's name
     api_key: str | None = None
     max_pending_requests: int = 0  # engine requests in flight before 429; <= 0: no limit
+    debug_endpoints: bool = False  # GET /debug/integrity
 
 
 @dataclass

@@ -116,7 +116,8 @@ class Generation:
             raise APIError(verdict.status, verdict.message, retry_after=verdict.retry_after)
         try:
             self.stream = self.cluster.submit(
-                [(c.request_id, c.prompt.token_ids, c.params) for c in self.choices]
+                [(c.request_id, c.prompt.token_ids, c.params) for c in self.choices],
+                arrival=self.arrival,
             )
         except NoWorkerAvailable as exc:
             raise APIError(503, f"{exc}; try again shortly.", retry_after=5) from None

@@ -1,9 +1,11 @@
 """Worker process entry point: `python -m server.worker --worker-id ... --router-addr ...`.
 
-Started by `server/worker/spawn.py`. Loads the engine (seconds), connects a DEALER socket to the
-router, sends the `Hello` handshake and runs `WorkerLoop` until told to stop. SIGTERM stops it
-cleanly; SIGINT is ignored (the router process owns shutdown on Ctrl-C and tells each worker);
-the kernel's parent-death signal and a `getppid()` check stop it if the router dies.
+Started by `server/worker/spawn.py` (or, for a worker joining a running router from anywhere,
+by `pdserve worker`, which calls `run_worker`). Loads the engine (seconds), opens its KV
+connector, connects a DEALER socket to the router, sends the `Hello` handshake (with its KV
+endpoint) and runs `WorkerLoop` until told to stop. SIGTERM stops it cleanly; a spawned worker
+ignores SIGINT (the router process owns shutdown on Ctrl-C and tells each worker); the
+kernel's parent-death signal and a `getppid()` check stop it if the router dies.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 
 import msgspec
@@ -38,16 +41,46 @@ def _die_with_parent() -> None:
         pass
 
 
+ROLES = ("both", "prefill", "decode")
+KV_TRANSPORTS = ("auto", "nixl", "zmq", "none")
+
+
+def add_kv_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-transport", default="auto", choices=KV_TRANSPORTS,
+                   help="KV handoff transport: nixl, the zmq fallback, auto (nixl when it is "
+                        "installed) or none (this worker takes no part in disaggregation)")
+    p.add_argument("--kv-host", default="auto",
+                   help="address peers reach this worker's KV transport at (zmq) (default: the "
+                        "local address that routes to the router)")  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m server.worker")
     p.add_argument("--worker-id", required=True)
-    p.add_argument("--role", default="both", choices=["both"])
+    p.add_argument("--role", default="both", choices=ROLES)
     p.add_argument("--router-addr", required=True, help="ZMQ address of the router's socket")
     p.add_argument("--engine-config", required=True, help="EngineConfig as a JSON object")
     p.add_argument("--parent-pid", type=int, default=None)
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
     p.add_argument("--log-level", default="info")
+    add_kv_args(p)
     return p.parse_args(argv)
+
+
+def kv_host_for(router_addr: str) -> str:
+    """The local address on the route to the router: where peers on its network reach us."""
+    if not router_addr.startswith("tcp://"):
+        return "127.0.0.1"  # ipc:// or inproc://: every worker is on this host
+    host, _, port = router_addr[len("tcp://") :].rpartition(":")
+    host = host.strip("[]")
+    if host in ("localhost", "0.0.0.0", "*") or host.startswith("127."):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, int(port)))  # UDP: picks the route, sends nothing
+            return s.getsockname()[0]
+    except (OSError, ValueError):
+        return "127.0.0.1"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,61 +92,103 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     if args.parent_pid is not None and os.getppid() != args.parent_pid:
         return 1  # the parent died before we got here
-    stop = {"flag": False}
-
-    def on_term(signum: int, frame: object) -> None:
-        stop["flag"] = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    from server.engine.engine import EngineConfig, EngineCore  # heavy: torch + model code
+    from server.engine.engine import EngineConfig  # heavy: torch + model code
 
     config = EngineConfig(**msgspec.json.decode(args.engine_config.encode()))
-    config.worker_id = args.worker_id
+    return run_worker(
+        args.worker_id, args.role, args.router_addr, config,
+        parent_pid=args.parent_pid, heartbeat_interval=args.heartbeat_interval,
+        kv_transport=args.kv_transport, kv_host=args.kv_host, ignore_sigint=True,
+    )  # fmt: skip
+
+
+def run_worker(
+    worker_id: str,
+    role: str,
+    router_addr: str,
+    config,
+    *,
+    parent_pid: int | None = None,
+    heartbeat_interval: float = 0.5,
+    kv_transport: str = "auto",
+    kv_host: str = "auto",
+    ignore_sigint: bool = False,
+) -> int:
+    """Load the engine, connect to the router, say Hello, serve until told to stop.
+
+    SIGTERM (and SIGINT unless `ignore_sigint`: a spawned worker leaves Ctrl-C to the router
+    process, which tells each worker) stops it cleanly."""
+    stop = {"flag": False}
+
+    def on_stop(signum: int, frame: object) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else on_stop)
+
+    from kvcache.transfer import create_connector
+    from server.engine.engine import EngineCore
+    from server.worker.kv_handoff import kv_layout
+
+    config.worker_id = worker_id
     engine = EngineCore(config)
     if stop["flag"]:
         return 0
+    connector = None
+    if kv_transport != "none":
+        host = kv_host_for(router_addr) if kv_host == "auto" else kv_host
+        try:
+            connector = create_connector(
+                kv_transport, worker_id, engine.kv_cache, kv_layout(engine), host=host
+            )
+        except ImportError as exc:
+            logger.error("KV transport %s is not available: %s", kv_transport, exc)
+            return 1
+        logger.info("KV transport %s (%s)", connector.transport, host)
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, args.worker_id.encode())
+    sock.setsockopt(zmq.IDENTITY, worker_id.encode())
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.LINGER, 1000)
-    sock.connect(args.router_addr)
+    sock.connect(router_addr)
     stats = engine.stats()
     hello = m.Hello(
-        worker_id=args.worker_id,
-        role=args.role,
+        worker_id=worker_id,
+        role=role,
         model_name=engine.model_name,
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
         pid=os.getpid(),
         num_blocks=stats.num_blocks,
         block_size=config.block_size,
+        max_num_seqs=config.max_num_seqs,
+        kv_endpoint=connector.endpoint() if connector is not None else None,
     )
     loop = WorkerLoop(
         engine,
         sock,
         hello,
-        heartbeat_interval=args.heartbeat_interval,
-        parent_pid=args.parent_pid,
+        connector=connector,
+        heartbeat_interval=heartbeat_interval,
+        parent_pid=parent_pid,
         should_stop=lambda: stop["flag"],
     )
+    code = 0
     try:
         reason = loop.run()
+        logger.info("worker %s exiting (%s)", worker_id, reason)
     except Exception:
         logger.exception("worker loop failed")
         with contextlib.suppress(zmq.ZMQError):
-            sock.send(m.encode(m.Goodbye(worker_id=args.worker_id, reason="engine failure")))
-        sock.close(linger=1000)
-        ctx.term()
-        return 1
-    logger.info("worker %s exiting (%s)", args.worker_id, reason)
+            sock.send(m.encode(m.Goodbye(worker_id=worker_id, reason="engine failure")))
+        code = 1
+    if connector is not None:
+        connector.close()
     sock.close(linger=1000)
     ctx.term()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

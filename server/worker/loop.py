@@ -1,14 +1,19 @@
 """The worker loop: drain control messages, step the engine while it has work, emit outputs.
 
 One iteration:
-  1. receive every pending `AddRequest` / `AbortRequests` / `Shutdown` (blocking only when the
-     engine is idle, so an abort sent during a step takes effect before the next step);
-  2. `engine.step()` if there is work, and send ALL its outputs as one `StepOutputs` frame;
-  3. every `heartbeat_interval` seconds, and at once when the engine falls idle, send a
+  1. receive every pending control message (blocking only when the engine is idle, so an abort
+     sent during a step takes effect before the next step; see `_idle_wait_ms`);
+  2. housekeeping: lease expiries and deferred frees (`engine.tick()`), KV arrivals (decode
+     side) and finished KV sends (prefill side) from the connector;
+  3. `engine.step()` if there is work; a prefill job's output starts its KV send instead of
+     going to the router;
+  4. send what the iteration produced, one frame each: `StepOutputs` (every output, arrivals'
+     first tokens included), `PrefillDone`, `KVEvents`;
+  5. every `heartbeat_interval` seconds, and at once when the engine falls idle, send a
      `Heartbeat` with `EngineStats` (the router's gauges and its liveness check read these);
-  4. exit if the parent process (the router) is gone.
+  6. exit if the parent process (the router) is gone.
 
-The loop owns the engine and the socket; both are used from this thread only.
+The loop owns the engine, the socket and the KV connector; all are used from this thread only.
 """
 
 from __future__ import annotations
@@ -21,15 +26,21 @@ from typing import Protocol
 
 import zmq
 
+from kvcache.transfer import IncompatiblePeerError, KVConnector
 from server.engine.outputs import EngineStats, RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.worker import messages as m
+from server.worker.kv_handoff import DecodeHandoff, PrefillHandoff
 
 logger = logging.getLogger(__name__)
 
+# While KV is in flight the loop cannot sleep for a whole heartbeat: NIXL has no socket to
+# wake it, and a finished send must release its blocks promptly.
+REMOTE_POLL_MS = 2
+
 
 class Engine(Protocol):
-    """The part of `server.engine.engine.EngineCore` the loop uses."""
+    """The part of `server.engine.engine.EngineCore` the loop uses (the handoffs use more)."""
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -38,13 +49,17 @@ class Engine(Protocol):
     def step(self) -> list[RequestOutput]: ...
     def has_unfinished_requests(self) -> bool: ...
     def stats(self) -> EngineStats: ...
+    def tick(self) -> list[str]: ...
+    def check_integrity(self) -> None: ...
 
 
 class WorkerLoop:
     """Serve one engine over one connected DEALER socket until shutdown.
 
-    `hello` is sent first; `should_stop` is polled between iterations (signal handlers set it);
-    `parent_pid`, when given, is compared with `os.getppid()` so an orphaned worker exits.
+    `hello` is sent first; `connector` (None: no KV handoff, remote requests are declined)
+    moves KV to and from peers; `should_stop` is polled between iterations (signal handlers
+    set it); `parent_pid`, when given, is compared with `os.getppid()` so an orphaned worker
+    exits.
     """
 
     def __init__(
@@ -53,6 +68,7 @@ class WorkerLoop:
         socket: zmq.Socket,
         hello: m.Hello,
         *,
+        connector: KVConnector | None = None,
         heartbeat_interval: float = 0.5,
         parent_pid: int | None = None,
         should_stop: Callable[[], bool] = lambda: False,
@@ -66,13 +82,21 @@ class WorkerLoop:
         self.parent_pid = parent_pid
         self.should_stop = should_stop
         self.clock = clock
-        # Ids the engine holds: aborts for anything else (already finished, refused) are dropped
-        # here, so the engine never sees an id it does not know.
+        self.connector = connector
+        self.prefill = PrefillHandoff(engine, connector) if connector else None
+        self.decode = DecodeHandoff(engine, connector) if connector else None
+        # Ids the engine holds for the router (local and reserved requests): aborts for
+        # anything else (already finished, refused) are dropped here, so the engine never sees
+        # an id it does not know. Prefill jobs live in `self.prefill.jobs`.
         self.live: set[str] = set()
+        self._outputs: list[RequestOutput] = []  # to send at the end of this iteration
+        self._outcomes: list[m.PrefillOutcome] = []
         self._stopping = False
         self._last_heartbeat = float("-inf")
         self._poller = zmq.Poller()
         self._poller.register(socket, zmq.POLLIN)
+        if connector is not None and connector.wakeup_socket is not None:
+            self._poller.register(connector.wakeup_socket, zmq.POLLIN)
 
     # ------------------------------------------------------------------ main loop
 
@@ -86,18 +110,14 @@ class WorkerLoop:
                 reason = "signal"
                 break
             busy = self.engine.has_unfinished_requests()
-            self._drain(block_ms=0 if busy else int(self.heartbeat_interval * 1000))
+            self._drain(block_ms=0 if busy else self._idle_wait_ms())
             if self._stopping:
                 break
+            self._housekeeping()
+            if self.engine.has_unfinished_requests():
+                self._on_step(self.engine.step())
+            self._flush()
             busy = self.engine.has_unfinished_requests()
-            if busy:
-                outputs = self.engine.step()
-                if outputs:
-                    for out in outputs:
-                        if out.finish_reason is not None:
-                            self.live.discard(out.request_id)
-                    self._send(m.StepOutputs(worker_id=self.worker_id, outputs=outputs))
-                busy = self.engine.has_unfinished_requests()
             now = self.clock()
             if now - self._last_heartbeat >= self.heartbeat_interval or (was_busy and not busy):
                 self._last_heartbeat = now
@@ -109,8 +129,50 @@ class WorkerLoop:
         if self.live:
             self.engine.abort(list(self.live))
             self.live.clear()
+        if self.prefill is not None:
+            self._outcomes += self.prefill.abort(list(self.prefill.jobs), "prefill worker exiting")
+        self._flush()
         self._send(m.Goodbye(worker_id=self.worker_id, reason=reason))
         return reason
+
+    def _idle_wait_ms(self) -> int:
+        sending = self.prefill is not None and any(j.started for j in self.prefill.jobs.values())
+        waiting = self.decode is not None and bool(self.decode.reservations)
+        if sending or (waiting and self.connector.wakeup_socket is None):
+            return REMOTE_POLL_MS
+        return int(self.heartbeat_interval * 1000)
+
+    def _housekeeping(self) -> None:
+        expired = self.engine.tick()
+        if expired and self.decode is not None:
+            logger.warning("worker %s: KV lease expired for %s; prefilling locally",
+                           self.worker_id, ", ".join(expired))  # fmt: skip
+            self.decode.forget(expired)
+        if self.decode is not None:
+            self._outputs += self.decode.poll()
+        if self.prefill is not None:
+            self._outcomes += self.prefill.poll()
+
+    def _on_step(self, outputs: list[RequestOutput]) -> None:
+        if self.prefill is not None and self.prefill.jobs:
+            outputs, failed = self.prefill.on_outputs(outputs)
+            self._outcomes += failed
+        self._outputs += outputs
+
+    def _flush(self) -> None:
+        if self._outputs:
+            outputs, self._outputs = self._outputs, []
+            done = [out.request_id for out in outputs if out.finish_reason is not None]
+            self.live.difference_update(done)
+            if self.decode is not None:
+                self.decode.forget(done)
+            self._send(m.StepOutputs(worker_id=self.worker_id, outputs=outputs))
+        if self._outcomes:
+            outcomes, self._outcomes = self._outcomes, []
+            self._send(m.PrefillDone(worker_id=self.worker_id, outcomes=outcomes))
+        batch = self.engine.kv.take_events()
+        if batch is not None:
+            self._send(m.KVEvents(batch=batch))
 
     # ------------------------------------------------------------------ messages
 
@@ -138,6 +200,37 @@ class WorkerLoop:
             if ids:
                 self.engine.abort(ids)
                 self.live.difference_update(ids)
+                if self.decode is not None:
+                    self.decode.forget(ids)
+            if self.prefill is not None:
+                self._outcomes += self.prefill.abort(msg.request_ids)
+        elif isinstance(msg, m.ReserveRemote):
+            self._reserve(msg)
+        elif isinstance(msg, m.RemotePrefill):
+            failed = (
+                self.prefill.start(msg)
+                if self.prefill is not None
+                else m.PrefillOutcome(msg.request_id, False, error="no KV connector")
+            )
+            if failed is not None:
+                self._outcomes.append(failed)
+        elif isinstance(msg, m.RetryPrefill):
+            if self.decode is not None:
+                for answer in self.decode.retry(self.worker_id, msg.request_ids):
+                    self._send(answer)
+        elif isinstance(msg, m.CancelRemoteKV):
+            if self.decode is not None:
+                self.decode.cancel(msg.request_ids, msg.writer_gone)
+        elif isinstance(msg, m.AddPeers):
+            self._add_peers(msg.endpoints)
+        elif isinstance(msg, m.RemovePeer):
+            if self.prefill is not None:
+                self._outcomes += self.prefill.peer_gone(msg.worker_id)
+        elif isinstance(msg, m.ResyncKV):
+            hashes, next_seq = self.engine.kv.snapshot()
+            self._send(m.KVSnapshot(worker_id=self.worker_id, block_hashes=hashes, next_seq=next_seq))
+        elif isinstance(msg, m.CheckIntegrity):
+            self._send(self._integrity())
         elif isinstance(msg, m.Shutdown):
             self._stopping = True
 
@@ -151,6 +244,55 @@ class WorkerLoop:
             self._refuse(msg.request_id, str(exc))
             return
         self.live.add(msg.request_id)
+
+    def _reserve(self, msg: m.ReserveRemote) -> None:
+        if self.decode is None:
+            self._send(m.Reserved(worker_id=self.worker_id, request_id=msg.request_id, ok=False,
+                                  reason="no KV connector"))  # fmt: skip
+            return
+        if msg.request_id in self.live:
+            self._refuse(msg.request_id, f"request id {msg.request_id!r} is already running")
+            return
+        try:
+            answer = self.decode.reserve(self.worker_id, msg)
+        except ValueError as exc:
+            self._refuse(msg.request_id, str(exc))
+            return
+        if answer.ok:
+            self.live.add(msg.request_id)
+        self._send(answer)
+
+    def _add_peers(self, endpoints: list) -> None:
+        if self.connector is None:
+            return
+        for ep in endpoints:
+            if ep.worker_id == self.worker_id:
+                continue
+            try:
+                self.connector.add_peer(ep)
+            except IncompatiblePeerError as exc:
+                self._peer_refused(ep.worker_id, str(exc))
+            except Exception as exc:  # noqa: BLE001 (a transport's own error: bad metadata, ...)
+                self._peer_refused(ep.worker_id, f"{type(exc).__name__}: {exc}")
+
+    def _peer_refused(self, peer_id: str, message: str) -> None:
+        logger.error("worker %s: cannot add KV peer %s: %s", self.worker_id, peer_id, message)
+        self._send(m.PeerRefused(worker_id=self.worker_id, peer_id=peer_id, message=message))
+
+    def _integrity(self) -> m.IntegrityReport:
+        try:
+            self.engine.check_integrity()
+            ok, error = True, ""
+        except AssertionError as exc:
+            ok, error = False, str(exc)
+        s = self.engine.scheduler
+        stats = self.engine.stats()
+        return m.IntegrityReport(
+            worker_id=self.worker_id, ok=ok, error=error, num_blocks=stats.num_blocks,
+            num_free_blocks=stats.num_free_blocks, num_requests=self.engine.kv.num_requests,
+            num_remote_waiting=len(s.remote), num_held=len(s.held), num_parked=len(s.deferred),
+            num_prefill_jobs=len(self.prefill.jobs) if self.prefill is not None else 0,
+        )  # fmt: skip
 
     def _refuse(self, request_id: str, message: str) -> None:
         self._send(m.RequestError(worker_id=self.worker_id, request_id=request_id, message=message))

@@ -10,13 +10,32 @@ ROUTER socket; each worker connects a DEALER socket whose identity is its worker
 socket carries both directions for all workers and every frame is addressed.
 
 Worker -> router:
-    Hello        once, after the model has loaded (handshake: model, limits, role, pid)
+    Hello        once, after the model has loaded (handshake: model, limits, role, pid, and
+                 the worker's KV endpoint, which the router hands to its peers)
     StepOutputs  all `RequestOutput`s of one engine step, batched
     RequestError an `add` the engine refused (`ValueError`), so its stream can end with a 400
     Heartbeat    periodic `EngineStats` snapshot; its arrival proves the loop is alive
     Goodbye      the worker is exiting cleanly
+    Reserved     decode side: blocks reserved for a remote prefill (or why not)
+    PrefillDone  prefill side: the outcome of one remote prefill (KV sent or not)
+    KVEvents     the prefix-cache events of one loop iteration (for the router's prefix index)
+    KVSnapshot   every cached block hash, answering ResyncKV after a gap in KVEvents
+    PeerRefused  a peer's KV endpoint failed this worker's compatibility check
+    IntegrityReport  the answer to CheckIntegrity
 Router -> worker:
     AddRequest, AbortRequests, Shutdown
+    ReserveRemote    decode side: reserve blocks for a prompt another worker will prefill
+    RemotePrefill    prefill side: compute a prompt, write its KV into a decode worker's blocks
+    RetryPrefill     decode side: the prefill worker died; re-offer the reservation if the KV
+                     has not arrived (answered with Reserved(retry=True))
+    CancelRemoteKV   decode side: no prefill worker will deliver: prefill locally what still
+                     waits; with writer_gone, no write is in flight either (free parked blocks)
+    AddPeers, RemovePeer  KV endpoints of workers that joined / left
+    ResyncKV, CheckIntegrity
+
+Remote prefill, in order: router -> D ReserveRemote; D -> router Reserved; router -> P
+RemotePrefill; P -> D the KV and first token over the KV connector; P -> router PrefillDone;
+D streams StepOutputs as for any request.
 """
 
 from __future__ import annotations
@@ -25,10 +44,12 @@ from typing import Union
 
 import msgspec
 
+from kvcache.events import KVEventBatch
+from kvcache.transfer.base import KVEndpoint
 from server.engine.outputs import EngineStats, RequestOutput
 from server.engine.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ProtocolError(ValueError):
@@ -51,6 +72,8 @@ class Hello(_Message, tag="hello"):
     pid: int
     num_blocks: int = 0
     block_size: int = 0
+    max_num_seqs: int = 0
+    kv_endpoint: KVEndpoint | None = None  # None: this worker takes no part in KV handoff
 
 
 class StepOutputs(_Message, tag="outputs"):
@@ -74,6 +97,67 @@ class Goodbye(_Message, tag="goodbye"):
     reason: str = ""
 
 
+class Reserved(_Message, tag="reserved"):
+    worker_id: str
+    request_id: str
+    ok: bool  # False: no room now (the router prefills it locally instead)
+    first_block: int = 0  # index in the prompt of the first block the prefill must write
+    block_ids: list[int] = []  # the decode worker's blocks from `first_block` on
+    lease_s: float = 0.0  # time left before the decode worker prefills it itself
+    retry: bool = False  # an answer to RetryPrefill
+    reason: str = ""
+
+
+class PrefillOutcome(msgspec.Struct, array_like=True):
+    """What the router hears about one remote prefill. ok=False also promises that no write
+    into the decode worker's blocks is in flight or will start."""
+
+    request_id: str
+    ok: bool
+    nbytes: int = 0
+    num_descriptors: int = 0
+    transfer_seconds: float = 0.0  # send started -> connector reported it done
+    queue_seconds: float = 0.0  # waiting in the prefill worker's engine
+    prefill_seconds: float = 0.0  # first scheduled -> first token
+    cached_tokens: int = 0  # prompt tokens the prefill worker found in its own prefix cache
+    error: str | None = None
+    started: bool = False  # the KV send started (a failure then is a transfer failure)
+
+
+class PrefillDone(_Message, tag="prefill_done"):
+    worker_id: str
+    outcomes: list[PrefillOutcome]
+
+
+class KVEvents(_Message, tag="kv_events"):
+    batch: KVEventBatch
+
+
+class KVSnapshot(_Message, tag="kv_snapshot"):
+    worker_id: str
+    block_hashes: list[int]
+    next_seq: int
+
+
+class PeerRefused(_Message, tag="peer_refused"):
+    worker_id: str
+    peer_id: str
+    message: str
+
+
+class IntegrityReport(_Message, tag="integrity"):
+    worker_id: str
+    ok: bool
+    error: str = ""
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    num_requests: int = 0  # requests holding KV blocks (incl. reserved, held, parked)
+    num_remote_waiting: int = 0
+    num_held: int = 0  # prefill side: KV kept for a send
+    num_parked: int = 0  # decode side: quarantined blocks of ended requests
+    num_prefill_jobs: int = 0
+
+
 # ---------------------------------------------------------------- router -> worker
 
 
@@ -91,8 +175,57 @@ class Shutdown(_Message, tag="shutdown"):
     pass
 
 
-WorkerMessage = Union[Hello, StepOutputs, RequestError, Heartbeat, Goodbye]
-RouterMessage = Union[AddRequest, AbortRequests, Shutdown]
+class ReserveRemote(_Message, tag="reserve"):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    lease_s: float
+    grace_s: float = 5.0
+
+
+class RemotePrefill(_Message, tag="remote_prefill"):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    decode_worker: str
+    first_block: int
+    block_ids: list[int]
+    lease_s: float  # no send may start after this many seconds from now
+
+
+class RetryPrefill(_Message, tag="retry_prefill"):
+    request_ids: list[str]
+
+
+class CancelRemoteKV(_Message, tag="cancel_remote_kv"):
+    request_ids: list[str]
+    writer_gone: bool = False
+
+
+class AddPeers(_Message, tag="add_peers"):
+    endpoints: list[KVEndpoint]
+
+
+class RemovePeer(_Message, tag="remove_peer"):
+    worker_id: str
+
+
+class ResyncKV(_Message, tag="resync_kv"):
+    pass
+
+
+class CheckIntegrity(_Message, tag="check_integrity"):
+    pass
+
+
+WorkerMessage = Union[
+    Hello, StepOutputs, RequestError, Heartbeat, Goodbye, Reserved, PrefillDone, KVEvents,
+    KVSnapshot, PeerRefused, IntegrityReport,
+]  # fmt: skip
+RouterMessage = Union[
+    AddRequest, AbortRequests, Shutdown, ReserveRemote, RemotePrefill, RetryPrefill,
+    CancelRemoteKV, AddPeers, RemovePeer, ResyncKV, CheckIntegrity,
+]  # fmt: skip
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -42,6 +42,8 @@ def spawn_worker(
     role: str = "both",
     log_level: str = "info",
     heartbeat_interval: float = 0.5,
+    kv_transport: str = "auto",
+    kv_host: str = "auto",
     env: dict[str, str] | None = None,
 ) -> WorkerProcess:
     """Start one worker that will connect to `router_addr` and say Hello once loaded."""
@@ -63,6 +65,10 @@ def spawn_worker(
         str(heartbeat_interval),
         "--log-level",
         log_level,
+        "--kv-transport",
+        kv_transport,
+        "--kv-host",
+        kv_host,
     ]
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
     return WorkerProcess(worker_id=worker_id, role=role, process=proc)
