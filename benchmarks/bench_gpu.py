@@ -129,11 +129,77 @@ def phase_breakdown(engine: EngineCore, steps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in phases.items()}
 
 
+def kernel_table(kernels: list[tuple[str, float, float]], replays: int) -> tuple[str, dict]:
+    """Per-replay kernel summary of a profiled run of `replays` graph replays.
+
+    kernels: (name, start_us, duration_us) of every device kernel / memcpy, in any order.
+    Returns a markdown table (kernel name -> count, total and mean us per replay, share) and
+    totals: kernel-busy time per replay and the span of one replay (first start to last end),
+    whose difference is the time the device sat between kernels."""
+    if not kernels:
+        return "(the profiler recorded no device kernels)", {
+            "kernels_per_replay": 0, "busy_us": 0.0, "span_us": 0.0,
+        }  # fmt: skip
+    ks = sorted(kernels, key=lambda k: k[1])
+    per = len(ks) // replays if replays else 0
+    spans = [
+        ks[(i + 1) * per - 1][1] + ks[(i + 1) * per - 1][2] - ks[i * per][1]
+        for i in range(replays)
+        if per
+    ]
+    groups: dict[str, list[float]] = {}
+    for name, _, dur in ks:
+        groups.setdefault(name, []).append(dur)
+    busy = sum(d for _, _, d in ks) / max(replays, 1)
+    rows = []
+    for name, durs in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
+        total = sum(durs) / max(replays, 1)
+        short = name if len(name) <= 70 else name[:67] + "..."
+        rows.append(
+            [short, f"{len(durs) / max(replays, 1):.0f}", f"{total:.1f}",
+             f"{statistics.mean(durs):.2f}", f"{100 * total / busy:.1f}%"]
+        )  # fmt: skip
+    totals = {
+        "kernels_per_replay": per,
+        "busy_us": busy,
+        "span_us": statistics.median(spans) if spans else 0.0,
+    }
+    return table(["kernel", "per replay", "us per replay", "mean us", "share"], rows), totals
+
+
+@torch.inference_mode()
+def profile_replays(graph: torch.cuda.CUDAGraph, replays: int) -> tuple[str, dict]:
+    """Kernel-level profile (CUPTI through torch.profiler) of `replays` replays of `graph`."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = [
+        (e.name, float(e.time_range.start), float(e.time_range.elapsed_us()))
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA
+    ]
+    return kernel_table(kernels, replays)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="random:llama-3.1-8b")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument(
+        "--only-b1",
+        action="store_true",
+        help="batch-1 decode only (TPOT, graph replay, phases, kernel profile); results go to "
+        "<date>-gpu-llama8b-b1.md",
+    )
+    ap.add_argument("--profile-replays", type=int, default=20, help="0: no kernel profile")
     args = ap.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -195,6 +261,7 @@ def main() -> int:
     )
     graphs = engine.runner.cuda_graphs
     breakdowns: dict[int, dict[str, float]] = {}
+    profile_md = ""
     if graphs is not None:
         from triton.testing import do_bench
 
@@ -211,6 +278,16 @@ def main() -> int:
             ]
         )
         breakdowns[1] = phase_breakdown(engine, 20)
+        if args.profile_replays:
+            profile_md, prof = profile_replays(g1, args.profile_replays)
+            gap = prof["span_us"] - prof["busy_us"]
+            profile_md = (
+                f"\n\nBatch-1 decode graph, kernel profile ({args.profile_replays} replays, "
+                f"torch.profiler/CUPTI): {prof['kernels_per_replay']} kernels per replay, "
+                f"{prof['busy_us'] / 1e3:.3f} ms of kernel time in a {prof['span_us'] / 1e3:.3f} ms "
+                f"span (first kernel start to last kernel end; {gap / 1e3:.3f} ms between "
+                f"kernels); layers' roofline {layers_roof * 1e3:.2f} ms.\n\n" + profile_md
+            )
     while engine.has_unfinished_requests():
         engine.abort(
             [r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)]
@@ -218,7 +295,7 @@ def main() -> int:
         engine.step()
 
     # (b) decode at batch 64 and 128, 1k context
-    for batch in (64, 128):
+    for batch in () if args.only_b1 else (64, 128):
         add(engine, f"b{batch}", batch, 1024, args.steps + 20, gen)
         prefill_all(engine)
         timed_steps(engine, 5)
@@ -243,7 +320,7 @@ def main() -> int:
 
     # (c) prefill MFU
     hd = cfg.num_heads * cfg.head_dim
-    for count, length in ((1, 8192), (16, 512)):
+    for count, length in () if args.only_b1 else ((1, 8192), (16, 512)):
         times = []
         for rep in range(4):
             ids = add(engine, f"p{count}x{length}-{rep}", count, length, 1, gen)
@@ -286,10 +363,13 @@ def main() -> int:
                 for b, d in breakdowns.items()
             ],
         )
+    out += profile_md
     print(head)
     print(out)
     path = write_result(
-        "gpu-llama8b", head + "\n" + out, "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:])
+        "gpu-llama8b-b1" if args.only_b1 else "gpu-llama8b",
+        head + "\n" + out,
+        "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:]),
     )
     print(f"\nwrote {path}")
     return 0
