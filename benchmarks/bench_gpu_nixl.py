@@ -21,8 +21,10 @@ each destination block with its source block; blocks outside the destination mus
 poison written before the case.
 
 UCX picks its transports from the environment: each `--ucx-tls` value runs in a fresh process
-pair with UCX_TLS set to it ("default" leaves UCX_TLS unset). `--transport zmq` adds the ZMQ
-fallback (GPU -> host staging -> TCP -> GPU) at one size.
+pair with UCX_TLS set to it ("default" leaves UCX_TLS unset; seen on an H200: UCX then takes
+`cuda_ipc` for the data and `tcp` for the notification; `cuda_ipc,cuda_copy,tcp` is the same;
+without `tcp` the agent cannot be created). Each pair first runs an untimed warm-up case.
+`--zmq-mib` adds the ZMQ fallback (GPU -> host staging -> TCP -> GPU) at one size.
 
     python benchmarks/bench_gpu_nixl.py [--ucx-tls default cuda_ipc,cuda_copy,tcp] [--iters 20]
     python benchmarks/bench_gpu_nixl.py --device cpu --sizes 16 --iters 5 --no-save  # DRAM check

@@ -241,7 +241,10 @@ class Cluster:
         ]
         block_size = next((w.hello.block_size for w in pool if w.hello), 16) or 16
         d = decide(len(prompt), block_size, decoders, prefillers, self.disagg, self.rng)
-        if d.prefill_worker is not None and self.registry.workers[d.decode_worker].kv_endpoint is None:
+        if (
+            d.prefill_worker is not None
+            and self.registry.workers[d.decode_worker].kv_endpoint is None
+        ):
             d = d._replace(prefill_worker=None, decision="local_no_prefill")
         self.metrics.decisions.labels(d.decision).inc()
         logger.debug("request %s: %s decode=%s prefill=%s inputs=%s",
@@ -276,11 +279,15 @@ class Cluster:
     def _cancel_remote(self, route: Route, reason: str, writer_gone: bool) -> None:
         """The remote prefill will not deliver: the decode worker computes the prompt."""
         self.metrics.fallbacks.labels(reason).inc()
-        logger.info("request %s: prefilling on %s instead (%s)", route.request_id, route.decode, reason)
+        logger.info(
+            "request %s: prefilling on %s instead (%s)", route.request_id, route.decode, reason
+        )
         route.stage = Stage.DECODING
         self._set_prefill(route, None)
         self._dispatched(route, "local")
-        self._send(route.decode, m.CancelRemoteKV(request_ids=[route.request_id], writer_gone=writer_gone))
+        self._send(
+            route.decode, m.CancelRemoteKV(request_ids=[route.request_id], writer_gone=writer_gone)
+        )
 
     def _usable_prefill(self, worker_id: str | None, decode: str) -> bool:
         info = self.registry.workers.get(worker_id) if worker_id else None
@@ -291,7 +298,9 @@ class Cluster:
             and info.kv_endpoint is not None
         )
 
-    def _start_remote_prefill(self, route: Route, first_block: int, blocks: list[int], lease_s: float) -> None:
+    def _start_remote_prefill(
+        self, route: Route, first_block: int, blocks: list[int], lease_s: float
+    ) -> None:
         """D reserved `blocks`: ask the planned prefill worker, or another if it is gone."""
         p = route.prefill
         if not self._usable_prefill(p, route.decode):
@@ -304,7 +313,9 @@ class Cluster:
             ]
             always = dataclasses.replace(self.disagg, mode="always")
             block_size = self.registry.workers[route.decode].hello.block_size
-            p = decide(len(route.prompt_token_ids), block_size, d, ps, always, self.rng).prefill_worker
+            p = decide(
+                len(route.prompt_token_ids), block_size, d, ps, always, self.rng
+            ).prefill_worker
         if p is None or lease_s < MIN_LEASE_S:
             why = "no_prefill_worker" if p is None else "lease_too_short"
             self._cancel_remote(route, why, writer_gone=not route.retried)
@@ -351,7 +362,9 @@ class Cluster:
         if self._ready(stream.worker_id):
             self._send(stream.worker_id, m.AbortRequests(request_ids=to_decode))
             if no_writer:
-                self._send(stream.worker_id, m.CancelRemoteKV(request_ids=no_writer, writer_gone=True))
+                self._send(
+                    stream.worker_id, m.CancelRemoteKV(request_ids=no_writer, writer_gone=True)
+                )
         for wid, rids in to_prefill.items():
             self._send(wid, m.AbortRequests(request_ids=rids))
 
@@ -464,7 +477,9 @@ class Cluster:
             if route is not None:
                 route.stage = Stage.DECODING  # the KV (if remote) is in place
                 if out.finish_reason is not None and route.path == "local" and out.timings:
-                    self.metrics.decode_queue.labels("local").observe(max(0.0, out.timings.queue_time))
+                    self.metrics.decode_queue.labels("local").observe(
+                        max(0.0, out.timings.queue_time)
+                    )
             if out.finish_reason is not None:
                 self._close_child(stream, out.request_id)
             stream._push(out)
@@ -482,7 +497,9 @@ class Cluster:
             return  # not ok: the KV already landed (or the request ended): nothing to redo
         if route is None or route.stage is not Stage.RESERVING or route.decode != worker_id:
             if msg.ok:  # aborted meanwhile: nobody was asked to write, free the blocks now
-                self._send(worker_id, m.CancelRemoteKV(request_ids=[msg.request_id], writer_gone=True))
+                self._send(
+                    worker_id, m.CancelRemoteKV(request_ids=[msg.request_id], writer_gone=True)
+                )
             return
         self.metrics.decode_queue.labels("remote").observe(max(0.0, self.clock() - route.sent_at))
         if not msg.ok:
@@ -509,9 +526,17 @@ class Cluster:
                 self._set_prefill(route, None)  # D has (or is about to have) the KV
             elif route.stage is Stage.PREFILLING:
                 self._cancel_remote(route, "prefill_failed", writer_gone=not route.retried)
-        elif orphan is not None and orphan.prefill == worker_id and not o.ok and self._ready(orphan.decode):
+        elif (
+            orphan is not None
+            and orphan.prefill == worker_id
+            and not o.ok
+            and self._ready(orphan.decode)
+        ):
             # Aborted earlier; nothing was written: the decode worker may free the blocks now.
-            self._send(orphan.decode, m.CancelRemoteKV(request_ids=[o.request_id], writer_gone=not orphan.retried))
+            self._send(
+                orphan.decode,
+                m.CancelRemoteKV(request_ids=[o.request_id], writer_gone=not orphan.retried),
+            )
 
     def _on_kv_events(self, worker_id: str, msg: m.KVEvents) -> None:
         if msg.batch.worker_id != worker_id:
@@ -521,7 +546,9 @@ class Cluster:
             return
         if self.index.gaps > gaps:
             self.metrics.event_gaps.inc()
-            logger.warning("KV event gap from worker %s (seq %d): resyncing", worker_id, msg.batch.seq)
+            logger.warning(
+                "KV event gap from worker %s (seq %d): resyncing", worker_id, msg.batch.seq
+            )
         if worker_id not in self._resyncing:
             self._resyncing.add(worker_id)
             self._send(worker_id, m.ResyncKV())
@@ -533,7 +560,9 @@ class Cluster:
             if problems:
                 self.registry.expect(wid, hello.role)
                 self.registry.mark_dead(wid, "KV handshake mismatch")
-                raise HandshakeMismatch(f"worker {wid} cannot exchange KV with the cluster: {problems}")
+                raise HandshakeMismatch(
+                    f"worker {wid} cannot exchange KV with the cluster: {problems}"
+                )
             self.registry.on_hello(hello)
         except HandshakeMismatch as exc:
             logger.error("%s", exc)
@@ -609,7 +638,9 @@ class Cluster:
             for w in self.registry.ready():
                 if w.kv_endpoint is not None and info.kv_endpoint is not None:
                     self._send(w.worker_id, m.RemovePeer(worker_id=worker_id))
-        self._orphans = {k: o for k, o in self._orphans.items() if worker_id not in (o.decode, o.prefill)}
+        self._orphans = {
+            k: o for k, o in self._orphans.items() if worker_id not in (o.decode, o.prefill)
+        }
         self.index.remove_worker(worker_id)
         self._resyncing.discard(worker_id)
         fut = self._integrity.pop(worker_id, None)
@@ -633,5 +664,7 @@ class Cluster:
                 route.awaiting_retry = True
                 retry[route.decode].append(route.request_id)
         for decode, rids in retry.items():
-            logger.warning("prefill worker %s died: re-offering %d prefills via %s", dead, len(rids), decode)
+            logger.warning(
+                "prefill worker %s died: re-offering %d prefills via %s", dead, len(rids), decode
+            )
             self._send(decode, m.RetryPrefill(request_ids=rids))

@@ -90,13 +90,15 @@ def test_abort_at_any_moment_leaks_nothing(server):
 
     def aborted_after(delay: float | None, i: int) -> None:
         prompt = f"Abort {i}. " + STORY * 4
-        with httpx.Client(base_url=url, timeout=120) as c:
-            with c.stream("POST", "/v1/completions", json=body(prompt, 64, stream=True)) as r:
-                if delay is None:  # after the first token: the request is decoding
-                    next(line for line in r.iter_lines() if line.startswith("data: "))
-                else:  # queued at the router, reserving, prefilling or sending
-                    time.sleep(delay)
-            # leaving the block closes the connection: the server aborts the request
+        with (
+            httpx.Client(base_url=url, timeout=120) as c,
+            c.stream("POST", "/v1/completions", json=body(prompt, 64, stream=True)) as r,
+        ):
+            if delay is None:  # after the first token: the request is decoding
+                next(line for line in r.iter_lines() if line.startswith("data: "))
+            else:  # queued at the router, reserving, prefilling or sending
+                time.sleep(delay)
+        # leaving the block closes the connection: the server aborts the request
 
     delays = [0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8, None, None]
     with ThreadPoolExecutor(len(delays)) as pool:
@@ -125,8 +127,9 @@ def test_a_lease_that_expires_ends_in_a_local_prefill(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
     assert got.json()["choices"][0]["text"] == ref["choices"][0]["text"]
     wait_until(
-        lambda: metric(url, "pdserve:kv_lease_expiries_total", worker_id="decode-0")
-        >= expiries + 2,
+        lambda: (
+            metric(url, "pdserve:kv_lease_expiries_total", worker_id="decode-0") >= expiries + 2
+        ),
         30,
         "the decode worker's heartbeat to count the expiries",
     )

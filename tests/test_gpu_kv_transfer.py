@@ -3,8 +3,10 @@ decode worker on the same card use it: every destination block must hold exactly
 block's bytes (compared as raw bits), every other block must keep its poison, and the payload
 must arrive only with the data. Collated regions and the per-page baseline both.
 
-UCX chooses the transport (CUDA IPC between processes on one GPU); whatever UCX_TLS the
-environment sets is used (benchmarks/results/*-gpu-nixl-handoff.md records which worked).
+UCX chooses the transport: with UCX_TLS unset it takes `cuda_ipc` for the data and `tcp` for
+the notification (seen on an H200, 2026-11-22); a restricted UCX_TLS must keep both
+(`cuda_ipc,cuda_copy,tcp` works, `cuda_ipc,cuda_copy,sm` cannot create the agent).
+See benchmarks/results/2026-11-22-gpu-nixl-handoff.md.
 """
 
 from __future__ import annotations

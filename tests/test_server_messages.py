@@ -11,7 +11,6 @@ from server.engine.outputs import EngineStats, RequestOutput, RequestTimings, To
 from server.engine.sampling_params import SamplingParams
 from server.worker import messages as m
 
-
 ENDPOINT = KVEndpoint(
     worker_id="d", transport="zmq", version=CONNECTOR_VERSION,
     layout=KVLayout("m", "float32", 16, 2, 2, 8), num_blocks=4, mem_type="DRAM", device_id=0,

@@ -1,7 +1,8 @@
 """Load only a model's tokenizer (the router process needs no weights).
 
 Resolves a model reference the way `server.models.loader.load_model` does: None is the
-embedded default GGUF, a file is a GGUF, a folder is a Hugging Face model folder.
+embedded default GGUF, a file is a GGUF, a folder is a Hugging Face model folder, and
+`random:PRESET` (random weights, for benchmarks) borrows the embedded model's tokenizer.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from server.models.tokenizer import Tokenizer
 
 
 def load_tokenizer(model: str | None) -> Tokenizer:
-    path = embedded_model_path() if model is None else Path(model).expanduser()
+    random_model = model is not None and model.startswith("random:")
+    path = embedded_model_path() if model is None or random_model else Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
             f"model {str(path)!r} does not exist (expected a GGUF file or a folder)"

@@ -46,9 +46,13 @@ KV_TRANSPORTS = ("auto", "nixl", "zmq", "none")
 
 
 def add_kv_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-transport", default="auto", choices=KV_TRANSPORTS,
-                   help="KV handoff transport: nixl, the zmq fallback, auto (nixl when it is "
-                        "installed) or none (this worker takes no part in disaggregation)")
+    p.add_argument(
+        "--kv-transport",
+        default="auto",
+        choices=KV_TRANSPORTS,
+        help="KV handoff transport: nixl, the zmq fallback, auto (nixl when it is "
+        "installed) or none (this worker takes no part in disaggregation)",
+    )
     p.add_argument("--kv-host", default="auto",
                    help="address peers reach this worker's KV transport at (zmq) (default: the "
                         "local address that routes to the router)")  # fmt: skip

@@ -91,7 +91,9 @@ class PrefillHandoff:
         except ValueError as exc:
             return PrefillOutcome(rid, False, error=str(exc))
         deadline = self.clock() + msg.lease_s * LEASE_MARGIN
-        self.jobs[rid] = _Job(rid, msg.decode_worker, msg.first_block, list(msg.block_ids), deadline)
+        self.jobs[rid] = _Job(
+            rid, msg.decode_worker, msg.first_block, list(msg.block_ids), deadline
+        )
         return None
 
     def on_outputs(
@@ -171,7 +173,9 @@ class PrefillHandoff:
         del self.jobs[job.request_id]
         self.engine.release_held(job.request_id)
         if not ok:
-            log.warning("remote prefill %s for %s failed: %s", job.request_id, job.decode_worker, error)
+            log.warning(
+                "remote prefill %s for %s failed: %s", job.request_id, job.decode_worker, error
+            )
         return PrefillOutcome(
             job.request_id,
             ok,
@@ -205,7 +209,9 @@ class DecodeHandoff:
             msg.request_id, msg.prompt_token_ids, msg.params, msg.lease_s, msg.grace_s
         )
         if got is None:
-            return Reserved(worker_id=worker_id, request_id=msg.request_id, ok=False, reason="no room")
+            return Reserved(
+                worker_id=worker_id, request_id=msg.request_id, ok=False, reason="no room"
+            )
         first, blocks = got
         self.reservations[msg.request_id] = _Reservation(first, blocks, self.clock() + msg.lease_s)
         return Reserved(
@@ -253,7 +259,9 @@ class DecodeHandoff:
                 if not 0 <= first.token_id < self.engine.vocab_size:
                     raise ValueError(f"token id {first.token_id} is outside the vocabulary")
             except ValueError as exc:  # msgspec.DecodeError is one
-                log.error("bad first-token payload for %s from %s: %s", a.request_id, a.sender_id, exc)
+                log.error(
+                    "bad first-token payload for %s from %s: %s", a.request_id, a.sender_id, exc
+                )
                 self.engine.remote_prefill_failed(a.request_id)  # the KV is there; recompute anyway
                 continue
             outputs += self.engine.remote_kv_arrived(a.request_id, first.token_id, first.logprobs)

@@ -228,7 +228,9 @@ class WorkerLoop:
                 self._outcomes += self.prefill.peer_gone(msg.worker_id)
         elif isinstance(msg, m.ResyncKV):
             hashes, next_seq = self.engine.kv.snapshot()
-            self._send(m.KVSnapshot(worker_id=self.worker_id, block_hashes=hashes, next_seq=next_seq))
+            self._send(
+                m.KVSnapshot(worker_id=self.worker_id, block_hashes=hashes, next_seq=next_seq)
+            )
         elif isinstance(msg, m.CheckIntegrity):
             self._send(self._integrity())
         elif isinstance(msg, m.Shutdown):
