@@ -85,6 +85,9 @@ class LoadConfig:
     concurrency: int = 16
     request_rate: float = 0.0  # requests/s (Poisson); 0 = closed loop at `concurrency`
     input_len: int = 64  # approximate prompt length in words
+    # Mixed workload: this fraction of the prompts (picked by the seed) are long_input_len words.
+    long_input_len: int = 0
+    long_fraction: float = 0.0
     output_len: int = 64
     ignore_eos: bool = True  # fixed output lengths (vLLM extension)
     temperature: float = 0.0
@@ -111,11 +114,17 @@ class RequestResult:
         return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
 
 
-def make_prompts(n: int, length: int, seed: int) -> list[str]:
-    """Distinct prompts (a unique head defeats the prefix cache) of about `length` words."""
+def make_prompts(
+    n: int, length: int, seed: int, long_length: int = 0, long_fraction: float = 0.0
+) -> list[str]:
+    """Distinct prompts (a unique head defeats the prefix cache) of about `length` words; with
+    `long_fraction` > 0, that fraction of them (chosen by the seed) has `long_length` words."""
     rng = random.Random(seed)
+    pick = random.Random(seed + 1)
+    lengths = [long_length if pick.random() < long_fraction else length for _ in range(n)]
     return [
-        f"{i}: " + " ".join(rng.choice(WORDS) for _ in range(max(1, length - 1))) for i in range(n)
+        f"{i}: " + " ".join(rng.choice(WORDS) for _ in range(max(1, k - 1)))
+        for i, k in enumerate(lengths)
     ]
 
 
@@ -207,7 +216,9 @@ async def _drive(
 def _shard(cfg: LoadConfig, k: int) -> tuple[list[str], list[str], int, float]:
     """Shard k of `cfg.processes`: its prompts, warm-up prompts, concurrency and rate."""
     n = cfg.processes
-    prompts = make_prompts(cfg.num_prompts + cfg.warmup, cfg.input_len, cfg.seed)
+    prompts = make_prompts(
+        cfg.num_prompts + cfg.warmup, cfg.input_len, cfg.seed, cfg.long_input_len, cfg.long_fraction
+    )
     warmup, prompts = prompts[: cfg.warmup], prompts[cfg.warmup :]
     concurrency = cfg.concurrency // n + (1 if k < cfg.concurrency % n else 0)
     return prompts[k::n], warmup, max(1, concurrency), cfg.request_rate / n
@@ -299,6 +310,17 @@ def summarize(
         )
 
     good = [r for r in ok if meets_slo(r)]
+    classes = {}
+    if cfg.long_fraction > 0:  # per prompt class of a mixed workload
+        cut = (cfg.input_len + cfg.long_input_len) / 2  # words ~ tokens for these prompts
+        for name, rs in (("short", [r for r in ok if r.prompt_tokens < cut]),
+                         ("long", [r for r in ok if r.prompt_tokens >= cut])):  # fmt: skip
+            classes[name] = {
+                "completed": len(rs),
+                "within_slo": sum(meets_slo(r) for r in rs),
+                "ttft_ms": _pcts([r.ttft for r in rs]),
+                "tpot_ms": _pcts([r.tpot for r in rs if r.output_tokens > 1]),
+            }
     return {
         "config": dataclasses.asdict(cfg) | {"api_key": "***"},
         "model": model,
@@ -315,6 +337,7 @@ def summarize(
         "tpot_ms": _pcts([r.tpot for r in ok if r.output_tokens > 1]),
         "itl_ms": _pcts([x for r in ok for x in r.itl]),
         "e2e_ms": _pcts([r.e2e for r in ok]),
+        "classes": classes,
     }
 
 
@@ -396,6 +419,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
         help="Poisson arrivals per second (0: closed loop)",
     )
     p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--long-input-len", type=int, default=0, help="words (mixed workload)")
+    p.add_argument("--long-fraction", type=float, default=0.0, help="share of long prompts")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--no-ignore-eos", action="store_true")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -409,6 +434,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
     cfg = LoadConfig(
         base_url=a.base_url, api_key=a.api_key, model=a.model, endpoint=a.endpoint, num_prompts=a.num_prompts,
         concurrency=a.concurrency, request_rate=a.request_rate, input_len=a.input_len, output_len=a.output_len,
+        long_input_len=a.long_input_len, long_fraction=a.long_fraction,
         ignore_eos=not a.no_ignore_eos, temperature=a.temperature, seed=a.seed, slo_ttft_ms=a.slo_ttft,
         slo_tpot_ms=a.slo_tpot, warmup=a.warmup, processes=a.processes,
     )  # fmt: skip

@@ -9,7 +9,9 @@ process exits, whose heartbeats stop, or that says Goodbye is marked dead; every
 was decoding ends with a `StreamError` (the client gets an error, never a hang), and every
 request it was prefilling is re-offered to another prefill worker or prefilled by its decode
 worker. Workers may join (Hello) and leave at any time: the router hands each newcomer's KV
-endpoint to the others (`AddPeers`) and withdraws a leaver's (`RemovePeer`).
+endpoint to the others (`AddPeers`) and withdraws a leaver's (`RemovePeer`). A worker that
+drains (SIGTERM: `Draining`) gets no new work from then on, and a `DrainAck` saying so; it
+finishes what it holds and leaves with Goodbye.
 
 Ownership: whoever `submit`s a stream must `release` it when done (a `finally`), which aborts
 any engine request still open in its workers; `release` is idempotent and cheap. All methods
@@ -236,7 +238,7 @@ class Cluster:
         decoders = [snapshot(w, self.index, hashes) for w in pool]
         prefillers = [
             snapshot(w, self.index, hashes)
-            for w in self.registry.ready()
+            for w in self.registry.routable()
             if w.role != "decode" and w.kv_endpoint is not None
         ]
         block_size = next((w.hello.block_size for w in pool if w.hello), 16) or 16
@@ -294,13 +296,12 @@ class Cluster:
         return (
             info is not None
             and info.state is WorkerState.READY
+            and not info.draining
             and worker_id != decode
             and info.kv_endpoint is not None
         )
 
-    def _start_remote_prefill(
-        self, route: Route, first_block: int, blocks: list[int], lease_s: float
-    ) -> None:
+    def _start_remote_prefill(self, route: Route, reserved: m.Reserved) -> None:
         """D reserved `blocks`: ask the planned prefill worker, or another if it is gone."""
         p = route.prefill
         if not self._usable_prefill(p, route.decode):
@@ -316,7 +317,7 @@ class Cluster:
             p = decide(
                 len(route.prompt_token_ids), block_size, d, ps, always, self.rng
             ).prefill_worker
-        if p is None or lease_s < MIN_LEASE_S:
+        if p is None or reserved.lease_s < MIN_LEASE_S:
             why = "no_prefill_worker" if p is None else "lease_too_short"
             self._cancel_remote(route, why, writer_gone=not route.retried)
             return
@@ -327,8 +328,9 @@ class Cluster:
             p,
             m.RemotePrefill(
                 request_id=route.request_id, prompt_token_ids=route.prompt_token_ids,
-                params=route.params, decode_worker=route.decode, first_block=first_block,
-                block_ids=blocks, lease_s=lease_s,
+                params=route.params, decode_worker=route.decode,
+                first_block=reserved.first_block, block_ids=reserved.block_ids,
+                lease_s=reserved.lease_s, deadline=reserved.deadline,
             ),
         )  # fmt: skip
 
@@ -461,6 +463,8 @@ class Cluster:
         elif isinstance(msg, m.KVSnapshot):
             self.index.resync(worker_id, msg.block_hashes, msg.next_seq)
             self._resyncing.discard(worker_id)
+        elif isinstance(msg, m.Draining):
+            self._on_draining(worker_id, msg)
         elif isinstance(msg, m.PeerRefused):
             logger.error("worker %s refused KV peer %s: %s", worker_id, msg.peer_id, msg.message)
         elif isinstance(msg, m.IntegrityReport):
@@ -493,7 +497,7 @@ class Cluster:
             if msg.ok:  # still waiting for its KV: ask another prefill worker
                 route.retried = True
                 self.metrics.retries.inc()
-                self._start_remote_prefill(route, msg.first_block, msg.block_ids, msg.lease_s)
+                self._start_remote_prefill(route, msg)
             return  # not ok: the KV already landed (or the request ended): nothing to redo
         if route is None or route.stage is not Stage.RESERVING or route.decode != worker_id:
             if msg.ok:  # aborted meanwhile: nobody was asked to write, free the blocks now
@@ -506,7 +510,7 @@ class Cluster:
             self.metrics.fallbacks.labels("no_room").inc()
             self._prefill_locally(route)
             return
-        self._start_remote_prefill(route, msg.first_block, msg.block_ids, msg.lease_s)
+        self._start_remote_prefill(route, msg)
 
     def _on_prefill_outcome(self, worker_id: str, o: m.PrefillOutcome) -> None:
         sm = self.metrics
@@ -537,6 +541,17 @@ class Cluster:
                 orphan.decode,
                 m.CancelRemoteKV(request_ids=[o.request_id], writer_gone=not orphan.retried),
             )
+
+    def _on_draining(self, worker_id: str, msg: m.Draining) -> None:
+        """Route nothing new to the worker, and say so: every request sent to it before the
+        DrainAck reaches it first, so once it has the ack and nothing left, it may leave."""
+        if self.registry.mark_draining(worker_id):
+            info = self.registry.workers[worker_id]
+            logger.info(
+                "worker %s is draining (up to %.0fs): %d requests, %d remote prefills in flight",
+                worker_id, msg.timeout_s, info.inflight, info.prefill_inflight,
+            )  # fmt: skip
+        self._send(worker_id, m.DrainAck())
 
     def _on_kv_events(self, worker_id: str, msg: m.KVEvents) -> None:
         if msg.batch.worker_id != worker_id:
@@ -620,7 +635,7 @@ class Cluster:
         if not self.registry.mark_dead(worker_id, reason):
             return
         failed = [rid for rid, s in self._streams.items() if s.worker_id == worker_id]
-        log = logger.info if self._closing else logger.error
+        log = logger.info if self._closing or (info.draining and not failed) else logger.error
         log("worker %s is gone: %s (%d requests ended)", worker_id, reason, len(failed))
         to_prefill: dict[str, list[str]] = defaultdict(list)
         for rid in failed:

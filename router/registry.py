@@ -7,6 +7,8 @@ reads each worker's latest `EngineStats`.
 Life of a worker: STARTING (spawned or expected, no handshake yet) -> READY (its Hello arrived
 and matches the cluster's model) -> DEAD (process exited, heartbeats stopped, it said Goodbye,
 or its handshake did not match). DEAD is final: a worker that comes back is a new worker.
+A READY worker may be `draining` (it said Draining on SIGTERM): it is still alive and finishes
+what it holds, but routing (`routable()`, `ready_decoders()`) no longer offers it new work.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class WorkerInfo:
     inflight: int = 0  # engine requests routed to it and not yet finished or aborted
     prefill_inflight: int = 0  # remote prefills sent to it and not yet reported done
     dead_reason: str = ""
+    draining: bool = False  # READY, but takes no new work (it leaves once what it holds ends)
 
     @property
     def decodes(self) -> bool:
@@ -104,6 +107,7 @@ class WorkerRegistry:
         info.hello = hello
         info.role = hello.role
         info.state = WorkerState.READY
+        info.draining = False
         info.since = now
         return info
 
@@ -116,6 +120,14 @@ class WorkerRegistry:
         if stats is not None:
             info.stats = stats
         return info
+
+    def mark_draining(self, worker_id: str) -> bool:
+        """A READY worker stops taking new work; False if it is not READY (or already draining)."""
+        info = self.workers.get(worker_id)
+        if info is None or info.state is not WorkerState.READY or info.draining:
+            return False
+        info.draining = True
+        return True
 
     def mark_dead(self, worker_id: str, reason: str) -> bool:
         """Returns False if it was already dead (so callers clean up exactly once)."""
@@ -150,7 +162,12 @@ class WorkerRegistry:
     # ------------------------------------------------------------------ views
 
     def ready(self) -> list[WorkerInfo]:
+        """Live workers (draining ones included: they still hold requests)."""
         return [w for w in self.workers.values() if w.state is WorkerState.READY]
+
+    def routable(self) -> list[WorkerInfo]:
+        """Workers that may be given new work: READY and not draining."""
+        return [w for w in self.ready() if not w.draining]
 
     def all_ready(self) -> bool:
         """True when there is at least one worker and every known worker is READY."""
@@ -174,4 +191,4 @@ class WorkerRegistry:
         return sum(w.inflight for w in self.ready())
 
     def ready_decoders(self) -> list[WorkerInfo]:
-        return [w for w in self.ready() if w.decodes]
+        return [w for w in self.routable() if w.decodes]

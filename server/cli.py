@@ -80,7 +80,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """One worker that joins the router at --router (and leaves on SIGTERM / Ctrl-C)."""
+    """One worker that joins the router at --router (and drains, then leaves, on SIGTERM /
+    Ctrl-C; a second one stops it at once)."""
     import os
     import socket
 
@@ -91,7 +92,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker_id = args.worker_id or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
     return run_worker(
         worker_id, args.role, args.router, config, heartbeat_interval=args.heartbeat_interval,
-        kv_transport=args.kv_transport, kv_host=args.kv_host,
+        kv_transport=args.kv_transport, kv_host=args.kv_host, drain_timeout=args.drain_timeout,
     )  # fmt: skip
 
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from server.api.launch import add_router_args, add_serve_args, run_router, run_serve
-        from server.worker.__main__ import ROLES, add_kv_args
+        from server.worker.__main__ import ROLES, add_drain_args, add_kv_args
     except ImportError:
         pass
     else:
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         w.add_argument("--worker-threads", type=int, default=None)
         w.add_argument("--heartbeat-interval", type=float, default=0.5)
         add_kv_args(w)
+        add_drain_args(w)
         add_engine_args(w)
         w.set_defaults(func=cmd_worker)
 

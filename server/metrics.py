@@ -60,6 +60,7 @@ class WorkerSample(NamedTuple):
     up: bool
     stats: EngineStats | None
     prefill_inflight: int = 0  # remote prefills the router has outstanding on it
+    draining: bool = False  # it said Draining: no new work; it leaves once idle
 
 
 WorkerSource = Callable[[], Iterable[WorkerSample]]
@@ -127,10 +128,16 @@ class _WorkerStatsCollector(Collector):
             "Remote prefills the router has outstanding on this worker.",
             labels=labels,
         )
+        g["draining"] = GaugeMetricFamily(
+            PREFIX + "worker_draining",
+            "1 while the worker drains (SIGTERM): it finishes its requests and takes no new ones.",
+            labels=labels,
+        )
         model = self._model_name()
         for w in self._source():
             lv = [model, w.worker_id, w.role]
             g["up"].add_metric(lv, 1.0 if w.up else 0.0)
+            g["draining"].add_metric(lv, 1.0 if w.up and w.draining else 0.0)
             if not w.up or w.stats is None:
                 continue
             s = w.stats

@@ -266,7 +266,11 @@ def test_workloads_are_probed_drained_and_disrupted_safely(rendered, target):
             assert env["PDSERVE_WORKER_ID"] == "$(POD_NAME)" and "--worker-id" in args
             assert env["PDSERVE_ROUTER_URL"].startswith("http://pdserve-router-control:")
             assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
-            assert spec["terminationGracePeriodSeconds"] >= 30
+            # SIGTERM drains the worker (no preStop: it tells the router itself); the grace
+            # period must outlast the drain, or the kubelet kills what the drain protects.
+            drain = float(flag(args, "--drain-timeout"))
+            assert drain >= 30 and "lifecycle" not in c
+            assert spec["terminationGracePeriodSeconds"] >= drain + 10
         for v in spec.get("volumes", []):
             if "persistentVolumeClaim" in v:
                 claims = {p["metadata"]["name"] for p in by_kind(objs, "PersistentVolumeClaim")}
@@ -555,6 +559,8 @@ def test_compose_gpu_workers_and_router(compose):
         assert flag(cmd, "--kv-transport") == "nixl"
         assert s["environment"]["PDSERVE_WORKER_ID"] == flag(cmd, "--worker-id")
         assert s["environment"]["PDSERVE_ROUTER_URL"] == "http://router:8000"
+        drain = float(flag(cmd, "--drain-timeout"))
+        assert int(s["stop_grace_period"].rstrip("s")) >= drain + 10, name
     router_grace = int(svc["router"]["stop_grace_period"].rstrip("s"))
     assert router_grace >= float(flag(router_cmd, "--graceful-shutdown-timeout")) + 10
     for name in ("prometheus", "grafana"):

@@ -109,12 +109,16 @@ def reserve(pair: Pair, rid: str, prompt, params, lease: float = 30.0):
     return got
 
 
-def start(pair: Pair, rid: str, prompt, params, res, lease: float = 30.0) -> None:
-    msg = RemotePrefill(
+def remote_prefill(pair: Pair, rid: str, prompt, params, res) -> RemotePrefill:
+    return RemotePrefill(
         request_id=rid, prompt_token_ids=prompt, params=params, decode_worker=pair.d_name,
-        first_block=res.first_block, block_ids=res.block_ids, lease_s=lease,
+        first_block=res.first_block, block_ids=res.block_ids, lease_s=res.lease_s,
+        deadline=res.deadline,
     )  # fmt: skip
-    assert pair.prefill.start(msg) is None
+
+
+def start(pair: Pair, rid: str, prompt, params, res) -> None:
+    assert pair.prefill.start(remote_prefill(pair, rid, prompt, params, res)) is None
 
 
 def drive(pair: Pair, rid: str, max_iters: int = 100_000):
@@ -250,7 +254,8 @@ def test_retry_keeps_the_blocks_quarantined_after_the_kv_lands(pair):
     (again,) = pair.decode.retry("d", ["t1"])
     assert again.ok and again.retry and again.block_ids == res.block_ids
     assert 0 < again.lease_s <= 30.0
-    start(pair, "t1", prompt, params, again, lease=again.lease_s)
+    assert again.deadline == res.deadline  # the lease still ends when it always did
+    start(pair, "t1", prompt, params, again)
     drive(pair, "t1")
     # Finished, but the dead worker's write could still be in flight: parked until the lease.
     assert "t1" in pair.d.scheduler.deferred
@@ -263,7 +268,34 @@ def test_retry_keeps_the_blocks_quarantined_after_the_kv_lands(pair):
 def test_a_prefill_for_an_unknown_decode_worker_is_refused_at_once(pair):
     prompt = prompt_of(pair, "Nobody. " + LONG)
     msg = RemotePrefill(request_id="u1", prompt_token_ids=prompt, params=greedy(2),
-                        decode_worker="nobody", first_block=0, block_ids=[0], lease_s=5.0)  # fmt: skip
+                        decode_worker="nobody", first_block=0, block_ids=[0], lease_s=5.0,
+                        deadline=time.time() + 5.0)  # fmt: skip
     outcome = pair.prefill.start(msg)
     assert not outcome.ok and "nobody" in outcome.error
     assert not pair.p.has_unfinished_requests()
+
+
+def test_a_prefill_whose_lease_ran_out_never_writes(pair):
+    """The lease is anchored at D's reservation, not at P's receipt of the request: a prefill
+    worker that was frozen, or busy with long steps, must not write into blocks D may have
+    handed to another request since."""
+    prompt = prompt_of(pair, "Late. " + LONG)
+    params = greedy(2)
+    res = reserve(pair, "z1", prompt, params, lease=10.0)
+    clock = Clock(time.time())
+    pair.prefill.wall_clock = clock
+    try:
+        clock.t = res.deadline - 1.0  # past the cut-off (the last 20% of the lease)
+        late = pair.prefill.start(remote_prefill(pair, "z1", prompt, params, res))
+        assert not late.ok and not late.started and not pair.p.has_unfinished_requests()
+
+        clock.t = res.deadline - 5.0  # in time to start...
+        start(pair, "z1", prompt, params, res)
+        clock.t = res.deadline - 1.0  # ...but queued past the cut-off: dropped, not computed
+        (dropped,) = pair.prefill.poll()
+        assert not dropped.ok and not dropped.started and not pair.prefill.jobs
+    finally:
+        pair.prefill.wall_clock = time.time
+    pair.d.abort(["z1"])
+    pair.decode.forget(["z1"])
+    pair.decode.cancel(["z1"], writer_gone=True)  # what the router relays from the outcome

@@ -124,3 +124,25 @@ def test_block_ids_are_range_checked():
         a.send("r", [-1], "b", [1], b"")
     a.close()
     b.close()
+
+
+def test_zmq_receiver_writes_nothing_for_a_request_that_ended():
+    """The ZMQ receiver writes the KV itself, so a late sender's data for a request that ended
+    (its blocks possibly reused) is dropped, not written; the arrival is still reported."""
+    a = create_connector("zmq", "a", torch.randn(SHAPE), LAYOUT)
+    kv = torch.zeros(SHAPE)
+    b = create_connector("zmq", "b", kv, LAYOUT)
+    a.add_peer(b.endpoint())
+    a.send("ended", [1, 2], "b", [3, 4], b"late")
+    a.send("waiting", [5], "b", [6], b"on time")
+    got = []
+    import time
+
+    deadline = time.monotonic() + 30
+    while len(got) < 2 and time.monotonic() < deadline:
+        got += b.poll_received(accept=lambda rid: rid == "waiting")
+    assert sorted(x.request_id for x in got) == ["ended", "waiting"]
+    assert torch.count_nonzero(kv[[3, 4]]) == 0
+    assert torch.equal(kv[6], a.kv_cache[5])
+    a.close()
+    b.close()

@@ -145,10 +145,12 @@ def test_long_prompts_are_prefilled_remotely_short_ones_locally(tmp_path):
                     first_block=0,
                     block_ids=list(range(50)),
                     lease_s=30.0,
+                    deadline=1234.5,
                 )
             )
             rp = await p.expect(m.RemotePrefill)
             assert (rp.decode_worker, rp.first_block, rp.block_ids) == ("d0", 0, list(range(50)))
+            assert (rp.lease_s, rp.deadline) == (30.0, 1234.5)  # D's lease, D's clock
             assert h.cluster.registry.workers["p0"].prefill_inflight == 1
             await p.send(
                 m.PrefillDone(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 import torch
@@ -196,8 +196,14 @@ class KVConnector(ABC):
         """Sends that finished (successfully or not) since the last call."""
 
     @abstractmethod
-    def poll_received(self) -> list[Arrival]:
-        """Requests whose KV fully landed in this worker since the last call."""
+    def poll_received(self, accept: Callable[[str], bool] | None = None) -> list[Arrival]:
+        """Requests whose KV fully landed in this worker since the last call.
+
+        `accept(request_id)` False means the request no longer wants its KV (it ended, or is
+        being computed here): a transport that writes on the receiving side (ZMQ) then drops
+        the data instead of writing it, so even a very late sender cannot touch blocks that
+        were reused. The arrival is reported either way. One-sided writes (NIXL) have landed
+        before the notice arrives; for them the lease's grace is the protection."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         pass

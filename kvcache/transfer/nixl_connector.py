@@ -7,7 +7,7 @@ with the notice as its notification, which NIXL delivers only after the data has
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -143,7 +143,7 @@ class NixlConnector(KVConnector):
         self._pending = still
         return done
 
-    def poll_received(self) -> list[Arrival]:
+    def poll_received(self, accept: Callable[[str], bool] | None = None) -> list[Arrival]:
         arrivals = []
         for _agent, msgs in self.agent.get_new_notifs().items():
             for raw in msgs:

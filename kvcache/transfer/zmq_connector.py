@@ -8,10 +8,11 @@ then reports the arrival. A send counts as finished when ZMQ no longer needs the
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
+import numpy as np
 import torch
 import zmq
 
@@ -58,6 +59,7 @@ class ZmqConnector(KVConnector):
         port = self.pull.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         self._bytes = kv_cache.view(-1).view(torch.uint8)
+        self._host = None if kv_cache.is_cuda else self._bytes.numpy()
         self.push: dict[str, zmq.Socket] = {}
         self._pending: list[_Pending] = []
         self.wakeup_socket = self.pull
@@ -157,7 +159,7 @@ class ZmqConnector(KVConnector):
         self._pending = still
         return done
 
-    def poll_received(self) -> list[Arrival]:
+    def poll_received(self, accept: Callable[[str], bool] | None = None) -> list[Arrival]:
         arrivals = []
         while True:
             try:
@@ -176,8 +178,16 @@ class ZmqConnector(KVConnector):
                 # Nothing was written; the request's lease covers the lost arrival.
                 log.error("dropped a malformed KV message (%d frames): %s", len(frames), exc)
                 continue
-            for (off, n), frame in zip(regions, frames[2:], strict=True):
-                self._bytes[off : off + n].copy_(torch.frombuffer(frame.buffer, dtype=torch.uint8))
+            if accept is not None and not accept(notice.request_id):
+                regions = []  # nobody wants it any more: write nothing (see KVConnector)
+            for (off, n), frame in zip(regions, frames[2:], strict=False):
+                src = np.frombuffer(frame.buffer, dtype=np.uint8)
+                if self._host is not None:
+                    # A plain memcpy: torch's copy_ would fork its intra-op threads for every
+                    # frame, which stalls whenever another thread (ZMQ's) holds a core.
+                    self._host[off : off + n] = src
+                else:
+                    self._bytes[off : off + n].copy_(torch.from_numpy(src))
             if notice.version == CONNECTOR_VERSION:
                 arrivals.append(Arrival(notice.request_id, notice.sender_id, notice.payload))
 

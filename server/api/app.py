@@ -130,6 +130,13 @@ def create_app(ctx: ServerContext, lifespan: Lifespan | None = None) -> FastAPI:
 
 def _worker_samples(ctx: ServerContext) -> list[WorkerSample]:
     return [
-        WorkerSample(w.worker_id, w.role, w.state is WorkerState.READY, w.stats, w.prefill_inflight)
+        WorkerSample(
+            w.worker_id,
+            w.role,
+            w.state is WorkerState.READY,
+            w.stats,
+            w.prefill_inflight,
+            w.draining,
+        )
         for w in ctx.cluster.registry.workers.values()
     ]

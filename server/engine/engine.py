@@ -87,8 +87,10 @@ class EngineCore:
                             progress=config.progress, seed=config.seed)
         self.model = loaded.model
         if self.device.type == "cpu":
+            from kernels import cpu_ops
             from kernels.cpu_linear import pack_linears
 
+            cpu_ops.install()
             pack_linears(self.model)
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -241,6 +243,9 @@ class EngineCore:
     def remote_prefill_failed(self, request_id: str) -> bool:
         """Prefill the prompt here: the remote prefill is gone (worker died, transfer failed)."""
         return self.scheduler.remote_failed(request_id)
+
+    def waiting_for_remote_kv(self, request_id: str) -> bool:
+        return request_id in self.scheduler.remote
 
     def remote_prefill_retried(self, request_id: str) -> bool:
         """Another prefill worker will write the KV; False if the request no longer waits."""

@@ -50,16 +50,31 @@ class RotaryEmbedding(torch.nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi] exactly (a sign flip): one
+        # roll instead of two slices, a negation and a cat per tensor per layer.
+        half = head_dim // 2
+        signed = emb.sin()
+        signed[:, :half].neg_()
+        self.register_buffer("sin_signed", signed.to(dtype), persistent=False)
+        self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] int64; q [T, Hq, D], k [T, Hkv, D] -> rotated (new tensors)."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        """positions [T] int64; q [T, Hq, D], k [T, Hkv, D] -> rotated (new tensors).
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        Every layer of a forward pass passes the same `positions` tensor, so the gathered
+        cos/sin rows are kept for it (keyed by identity; positions are never mutated)."""
+        c = self._cached
+        if c is None or c[0] is not positions:
+            c = self._cached = (
+                positions,
+                self.cos[positions].unsqueeze(1),
+                self.sin_signed[positions].unsqueeze(1),
+            )
+        _, cos, sin = c
+        half = q.shape[-1] // 2
+        return (
+            torch.addcmul(q * cos, q.roll(half, dims=-1), sin),
+            torch.addcmul(k * cos, k.roll(half, dims=-1), sin),
+        )

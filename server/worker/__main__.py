@@ -3,9 +3,11 @@
 Started by `server/worker/spawn.py` (or, for a worker joining a running router from anywhere,
 by `pdserve worker`, which calls `run_worker`). Loads the engine (seconds), opens its KV
 connector, connects a DEALER socket to the router, sends the `Hello` handshake (with its KV
-endpoint) and runs `WorkerLoop` until told to stop. SIGTERM stops it cleanly; a spawned worker
-ignores SIGINT (the router process owns shutdown on Ctrl-C and tells each worker); the
-kernel's parent-death signal and a `getppid()` check stop it if the router dies.
+endpoint) and runs `WorkerLoop` until told to stop. SIGTERM drains it (no new requests; the
+ones it holds finish within `--drain-timeout` seconds; then Goodbye and exit 0); a second
+SIGTERM, or `--drain-timeout 0`, stops it at once. A spawned worker ignores SIGINT (the router
+process owns shutdown on Ctrl-C and tells each worker); the kernel's parent-death signal and a
+`getppid()` check stop it if the router dies.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
                         "local address that routes to the router)")  # fmt: skip
 
 
+def add_drain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to finish the requests this worker holds (it takes "
+                        "no new ones) before they end with an error; 0: exit at once")  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m server.worker")
     p.add_argument("--worker-id", required=True)
@@ -68,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
     p.add_argument("--log-level", default="info")
     add_kv_args(p)
+    add_drain_args(p)
     return p.parse_args(argv)
 
 
@@ -103,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         args.worker_id, args.role, args.router_addr, config,
         parent_pid=args.parent_pid, heartbeat_interval=args.heartbeat_interval,
         kv_transport=args.kv_transport, kv_host=args.kv_host, ignore_sigint=True,
+        drain_timeout=args.drain_timeout,
     )  # fmt: skip
 
 
@@ -117,15 +127,20 @@ def run_worker(
     kv_transport: str = "auto",
     kv_host: str = "auto",
     ignore_sigint: bool = False,
+    drain_timeout: float = 30.0,
 ) -> int:
     """Load the engine, connect to the router, say Hello, serve until told to stop.
 
     SIGTERM (and SIGINT unless `ignore_sigint`: a spawned worker leaves Ctrl-C to the router
-    process, which tells each worker) stops it cleanly."""
-    stop = {"flag": False}
+    process, which tells each worker) drains it, a second one stops it at once (so does the
+    first with `drain_timeout` 0, or while the model loads)."""
+    stop = {"flag": False, "drain": False}
 
     def on_stop(signum: int, frame: object) -> None:
-        stop["flag"] = True
+        if drain_timeout > 0 and not stop["drain"]:
+            stop["drain"] = True
+        else:
+            stop["flag"] = True
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else on_stop)
@@ -136,7 +151,7 @@ def run_worker(
 
     config.worker_id = worker_id
     engine = EngineCore(config)
-    if stop["flag"]:
+    if stop["flag"] or stop["drain"]:
         return 0
     connector = None
     if kv_transport != "none":
@@ -178,6 +193,8 @@ def run_worker(
         heartbeat_interval=heartbeat_interval,
         parent_pid=parent_pid,
         should_stop=lambda: stop["flag"],
+        should_drain=lambda: stop["drain"],
+        drain_timeout=drain_timeout,
     )
     code = 0
     try:

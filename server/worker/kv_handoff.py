@@ -5,7 +5,8 @@ Prefill side (`PrefillHandoff`): a remote-prefill request is computed with `add_
 first block the decode worker lacks are written straight into the decode worker's reserved
 blocks, with the first token (and its logprobs) as the payload. The blocks are released when
 the connector reports the send finished — never before, since the transport reads them — and a
-send that would start after the lease deadline is dropped. Every job ends in exactly one
+send that would start after the lease's cut-off (anchored at the decode worker's reservation,
+in wall-clock time) is dropped, and so is a queued job past it. Every job ends in exactly one
 `PrefillOutcome`; `ok=False` promises that nothing was, or will be, written.
 
 Decode side (`DecodeHandoff`): reservations (and their re-offer when the prefill worker died),
@@ -29,7 +30,8 @@ from server.worker.messages import PrefillOutcome, RemotePrefill, Reserved, Rese
 
 log = logging.getLogger(__name__)
 
-# The prefill worker's lease starts a network hop after the decode worker's: keep a margin.
+# No send starts in the last 20% of the lease: a send started before the cut-off has that long
+# (plus the decode worker's grace) to land before the blocks could be reused.
 LEASE_MARGIN = 0.8
 
 
@@ -62,9 +64,8 @@ class _Job:
     decode_worker: str
     first_block: int
     dst_blocks: list[int]
-    deadline: float  # no send may start after this (clock of this process)
+    cutoff: float  # no send may start after this (time.time())
     started: bool = False  # the connector is reading the blocks
-    aborted: bool = False
     queue_seconds: float = 0.0
     prefill_seconds: float = 0.0
     cached_tokens: int = 0
@@ -72,11 +73,11 @@ class _Job:
 
 class PrefillHandoff:
     def __init__(
-        self, engine, connector: KVConnector, clock: Callable[[], float] = time.monotonic
+        self, engine, connector: KVConnector, wall_clock: Callable[[], float] = time.time
     ) -> None:
         self.engine = engine
         self.connector = connector
-        self.clock = clock
+        self.wall_clock = wall_clock
         self.jobs: dict[str, _Job] = {}
 
     def start(self, msg: RemotePrefill) -> PrefillOutcome | None:
@@ -86,14 +87,14 @@ class PrefillHandoff:
             return PrefillOutcome(rid, False, error=f"request id {rid!r} is already prefilling")
         if msg.decode_worker not in self.connector.peers:
             return PrefillOutcome(rid, False, error=f"unknown KV peer {msg.decode_worker!r}")
+        cutoff = msg.deadline - (1.0 - LEASE_MARGIN) * msg.lease_s
+        if self.wall_clock() > cutoff:
+            return PrefillOutcome(rid, False, error="the lease ran out before the prefill began")
         try:
             self.engine.add_prefill_only(rid, msg.prompt_token_ids, msg.params)
         except ValueError as exc:
             return PrefillOutcome(rid, False, error=str(exc))
-        deadline = self.clock() + msg.lease_s * LEASE_MARGIN
-        self.jobs[rid] = _Job(
-            rid, msg.decode_worker, msg.first_block, list(msg.block_ids), deadline
-        )
+        self.jobs[rid] = _Job(rid, msg.decode_worker, msg.first_block, list(msg.block_ids), cutoff)
         return None
 
     def on_outputs(
@@ -123,8 +124,8 @@ class PrefillHandoff:
     def _send(self, job: _Job, out: RequestOutput) -> str | None:
         blocks = self.engine.held_blocks(job.request_id)
         src = blocks[job.first_block : job.first_block + len(job.dst_blocks)]
-        if self.clock() > job.deadline:
-            return "the lease deadline passed before the prefill finished"
+        if self.wall_clock() > job.cutoff:
+            return "the lease ran out before the prefill finished"
         if len(src) != len(job.dst_blocks):
             return f"block count mismatch ({len(src)} here vs {len(job.dst_blocks)} reserved)"
         lp = out.new_logprobs[0] if out.new_logprobs else None
@@ -137,8 +138,11 @@ class PrefillHandoff:
         return None
 
     def poll(self) -> list[PrefillOutcome]:
-        """Outcomes of sends that finished since the last call (their blocks are released)."""
-        outcomes = []
+        """Outcomes of sends that finished since the last call (their blocks are released), and
+        of queued jobs whose lease ran out (computing them would be wasted)."""
+        now = self.wall_clock()
+        late = [j.request_id for j in self.jobs.values() if not j.started and now > j.cutoff]
+        outcomes = self.abort(late, "the lease ran out before the prefill finished")
         for r in self.connector.poll_sent():
             job = self.jobs.get(r.request_id)
             if job is None:
@@ -154,11 +158,7 @@ class PrefillHandoff:
         outcomes = []
         for rid in request_ids:
             job = self.jobs.get(rid)
-            if job is None:
-                continue
-            if job.started:
-                job.aborted = True
-            else:
+            if job is not None and not job.started:
                 self.engine.abort([rid])
                 outcomes.append(self._end(job, False, why))
         return outcomes
@@ -173,7 +173,7 @@ class PrefillHandoff:
         del self.jobs[job.request_id]
         self.engine.release_held(job.request_id)
         if not ok:
-            log.warning(
+            (log.info if error == "aborted" else log.warning)(
                 "remote prefill %s for %s failed: %s", job.request_id, job.decode_worker, error
             )
         return PrefillOutcome(
@@ -191,16 +191,16 @@ class PrefillHandoff:
 class _Reservation:
     first_block: int
     block_ids: list[int]
-    deadline: float
+    deadline: float  # time.time() at the lease's end
 
 
 class DecodeHandoff:
     def __init__(
-        self, engine, connector: KVConnector, clock: Callable[[], float] = time.monotonic
+        self, engine, connector: KVConnector, wall_clock: Callable[[], float] = time.time
     ) -> None:
         self.engine = engine
         self.connector = connector
-        self.clock = clock
+        self.wall_clock = wall_clock
         self.reservations: dict[str, _Reservation] = {}  # requests waiting for remote KV
 
     def reserve(self, worker_id: str, msg: ReserveRemote) -> Reserved:
@@ -213,16 +213,17 @@ class DecodeHandoff:
                 worker_id=worker_id, request_id=msg.request_id, ok=False, reason="no room"
             )
         first, blocks = got
-        self.reservations[msg.request_id] = _Reservation(first, blocks, self.clock() + msg.lease_s)
+        deadline = self.wall_clock() + msg.lease_s
+        self.reservations[msg.request_id] = _Reservation(first, blocks, deadline)
         return Reserved(
             worker_id=worker_id, request_id=msg.request_id, ok=True, first_block=first,
-            block_ids=blocks, lease_s=msg.lease_s,
+            block_ids=blocks, lease_s=msg.lease_s, deadline=deadline,
         )  # fmt: skip
 
     def retry(self, worker_id: str, request_ids: Iterable[str]) -> list[Reserved]:
         """Re-offer the reservations still waiting for their KV (the prefill worker died)."""
         out = []
-        now = self.clock()
+        now = self.wall_clock()
         for rid in request_ids:
             res = self.reservations.get(rid)
             if res is None or not self.engine.remote_prefill_retried(rid):
@@ -231,7 +232,8 @@ class DecodeHandoff:
                 continue
             out.append(Reserved(
                 worker_id=worker_id, request_id=rid, ok=True, first_block=res.first_block,
-                block_ids=res.block_ids, lease_s=max(0.0, res.deadline - now), retry=True,
+                block_ids=res.block_ids, lease_s=max(0.0, res.deadline - now),
+                deadline=res.deadline, retry=True,
             ))  # fmt: skip
         return out
 
@@ -252,7 +254,7 @@ class DecodeHandoff:
     def poll(self) -> list[RequestOutput]:
         """Outputs (the first token) of requests whose KV fully landed since the last call."""
         outputs: list[RequestOutput] = []
-        for a in self.connector.poll_received():
+        for a in self.connector.poll_received(accept=self.engine.waiting_for_remote_kv):
             self.reservations.pop(a.request_id, None)
             try:
                 first = _dec.decode(a.payload)

@@ -4,7 +4,7 @@ One iteration:
   1. receive every pending control message (blocking only when the engine is idle, so an abort
      sent during a step takes effect before the next step; see `_idle_wait_ms`);
   2. housekeeping: lease expiries and deferred frees (`engine.tick()`), KV arrivals (decode
-     side) and finished KV sends (prefill side) from the connector;
+     side: their first tokens are sent at once) and finished KV sends (prefill side);
   3. `engine.step()` if there is work; a prefill job's output starts its KV send instead of
      going to the router;
   4. send what the iteration produced, one frame each: `StepOutputs` (every output, arrivals'
@@ -12,6 +12,14 @@ One iteration:
   5. every `heartbeat_interval` seconds, and at once when the engine falls idle, send a
      `Heartbeat` with `EngineStats` (the router's gauges and its liveness check read these);
   6. exit if the parent process (the router) is gone.
+
+Graceful drain (`should_drain`, set by SIGTERM): the loop sends `Draining` once and carries on
+serving what it holds (and what the router sent before it heard: the router answers with
+`DrainAck` and routes nothing new to it afterwards, so whatever was sent earlier has arrived
+by then). It leaves with Goodbye when it holds nothing and has the ack (or heard nothing for
+`DRAIN_ACK_WAIT_S`: no router listening), or at `drain_timeout`, when what is still running is
+aborted (the router ends those requests with an error naming the timeout). Before Goodbye,
+on any exit, KV sends already in flight get up to `SEND_SETTLE_S` to complete and report.
 
 The loop owns the engine, the socket and the KV connector; all are used from this thread only.
 """
@@ -37,6 +45,11 @@ logger = logging.getLogger(__name__)
 # While KV is in flight the loop cannot sleep for a whole heartbeat: NIXL has no socket to
 # wake it, and a finished send must release its blocks promptly.
 REMOTE_POLL_MS = 2
+# A draining worker with nothing left leaves after this long without a DrainAck.
+DRAIN_ACK_WAIT_S = 5.0
+# On exit, KV sends in flight get this long to complete (their outcome then reaches the
+# router); a send still running after it is left to the router's dead-prefill-worker path.
+SEND_SETTLE_S = 5.0
 
 
 class Engine(Protocol):
@@ -59,7 +72,7 @@ class WorkerLoop:
     `hello` is sent first; `connector` (None: no KV handoff, remote requests are declined)
     moves KV to and from peers; `should_stop` is polled between iterations (signal handlers
     set it); `parent_pid`, when given, is compared with `os.getppid()` so an orphaned worker
-    exits.
+    exits. `should_drain` (polled too) starts a graceful drain bounded by `drain_timeout`.
     """
 
     def __init__(
@@ -72,6 +85,8 @@ class WorkerLoop:
         heartbeat_interval: float = 0.5,
         parent_pid: int | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        should_drain: Callable[[], bool] = lambda: False,
+        drain_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
@@ -81,6 +96,10 @@ class WorkerLoop:
         self.heartbeat_interval = heartbeat_interval
         self.parent_pid = parent_pid
         self.should_stop = should_stop
+        self.should_drain = should_drain
+        self.drain_timeout = drain_timeout
+        self.drain_started: float | None = None  # clock time; None: not draining
+        self.drain_acked = False
         self.clock = clock
         self.connector = connector
         self.prefill = PrefillHandoff(engine, connector) if connector else None
@@ -109,6 +128,8 @@ class WorkerLoop:
             if self.should_stop():
                 reason = "signal"
                 break
+            if self.drain_started is None and self.should_drain():
+                self._start_draining()
             busy = self.engine.has_unfinished_requests()
             self._drain(block_ms=0 if busy else self._idle_wait_ms())
             if self._stopping:
@@ -126,14 +147,55 @@ class WorkerLoop:
                     reason = "parent exited"
                     break
             was_busy = busy
+            if self.drain_started is not None:
+                drained = self._drained(now)
+                if drained is not None:
+                    reason = drained
+                    break
         if self.live:
             self.engine.abort(list(self.live))
             self.live.clear()
         if self.prefill is not None:
             self._outcomes += self.prefill.abort(list(self.prefill.jobs), "prefill worker exiting")
+            self._settle_sends(SEND_SETTLE_S)
         self._flush()
         self._send(m.Goodbye(worker_id=self.worker_id, reason=reason))
         return reason
+
+    def _start_draining(self) -> None:
+        self.drain_started = self.clock()
+        logger.info("worker %s: draining (%d requests, %d prefills in flight; up to %gs)",
+                    self.worker_id, len(self.live), self._num_prefill_jobs(),
+                    self.drain_timeout)  # fmt: skip
+        self._send(m.Draining(worker_id=self.worker_id, timeout_s=self.drain_timeout))
+
+    def _num_prefill_jobs(self) -> int:
+        return len(self.prefill.jobs) if self.prefill is not None else 0
+
+    def _drained(self, now: float) -> str | None:
+        """The Goodbye reason once the drain is over, None while it goes on."""
+        held = len(self.live) + self._num_prefill_jobs()
+        if held == 0 and (self.drain_acked or now - self.drain_started >= DRAIN_ACK_WAIT_S):
+            logger.info("worker %s: drained in %.1fs", self.worker_id, now - self.drain_started)
+            return "drained"
+        if now - self.drain_started >= self.drain_timeout:
+            why = (f"drain timed out after {self.drain_timeout:g}s with {len(self.live)} "
+                   f"requests and {self._num_prefill_jobs()} prefills still running")  # fmt: skip
+            logger.warning("worker %s: %s", self.worker_id, why)
+            return why
+        return None
+
+    def _settle_sends(self, timeout: float) -> None:
+        """Wait (bounded) for the KV sends in flight: each completes or fails, and its outcome
+        goes to the router, so the decode worker never waits on a write that may still land."""
+        deadline = self.clock() + timeout
+        while self.prefill.jobs and self.clock() < deadline:
+            self._outcomes += self.prefill.poll()
+            if self.prefill.jobs:
+                time.sleep(REMOTE_POLL_MS / 1000)
+        if self.prefill.jobs:
+            logger.warning("worker %s: leaving with %d KV sends in flight",
+                           self.worker_id, len(self.prefill.jobs))  # fmt: skip
 
     def _idle_wait_ms(self) -> int:
         sending = self.prefill is not None and any(j.started for j in self.prefill.jobs.values())
@@ -150,6 +212,7 @@ class WorkerLoop:
             self.decode.forget(expired)
         if self.decode is not None:
             self._outputs += self.decode.poll()
+            self._flush_outputs()  # first tokens go out now, not after the next step
         if self.prefill is not None:
             self._outcomes += self.prefill.poll()
 
@@ -159,7 +222,7 @@ class WorkerLoop:
             self._outcomes += failed
         self._outputs += outputs
 
-    def _flush(self) -> None:
+    def _flush_outputs(self) -> None:
         if self._outputs:
             outputs, self._outputs = self._outputs, []
             done = [out.request_id for out in outputs if out.finish_reason is not None]
@@ -167,6 +230,9 @@ class WorkerLoop:
             if self.decode is not None:
                 self.decode.forget(done)
             self._send(m.StepOutputs(worker_id=self.worker_id, outputs=outputs))
+
+    def _flush(self) -> None:
+        self._flush_outputs()
         if self._outcomes:
             outcomes, self._outcomes = self._outcomes, []
             self._send(m.PrefillDone(worker_id=self.worker_id, outcomes=outcomes))
@@ -235,6 +301,8 @@ class WorkerLoop:
             self._send(self._integrity())
         elif isinstance(msg, m.Shutdown):
             self._stopping = True
+        elif isinstance(msg, m.DrainAck):
+            self.drain_acked = True
 
     def _add(self, msg: m.AddRequest) -> None:
         if msg.request_id in self.live:

@@ -16,6 +16,8 @@ Worker -> router:
     RequestError an `add` the engine refused (`ValueError`), so its stream can end with a 400
     Heartbeat    periodic `EngineStats` snapshot; its arrival proves the loop is alive
     Goodbye      the worker is exiting cleanly
+    Draining     the worker is draining (SIGTERM): route nothing new to it; it finishes what it
+                 holds within `timeout_s`, then says Goodbye
     Reserved     decode side: blocks reserved for a remote prefill (or why not)
     PrefillDone  prefill side: the outcome of one remote prefill (KV sent or not)
     KVEvents     the prefix-cache events of one loop iteration (for the router's prefix index)
@@ -24,6 +26,8 @@ Worker -> router:
     IntegrityReport  the answer to CheckIntegrity
 Router -> worker:
     AddRequest, AbortRequests, Shutdown
+    DrainAck         answers Draining: nothing new will be routed to the worker (so every
+                     request sent to it before this frame has already arrived)
     ReserveRemote    decode side: reserve blocks for a prompt another worker will prefill
     RemotePrefill    prefill side: compute a prompt, write its KV into a decode worker's blocks
     RetryPrefill     decode side: the prefill worker died; re-offer the reservation if the KV
@@ -49,7 +53,7 @@ from kvcache.transfer.base import KVEndpoint
 from server.engine.outputs import EngineStats, RequestOutput
 from server.engine.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class ProtocolError(ValueError):
@@ -97,6 +101,11 @@ class Goodbye(_Message, tag="goodbye"):
     reason: str = ""
 
 
+class Draining(_Message, tag="draining"):
+    worker_id: str
+    timeout_s: float  # what it still holds ends (with an error) after this many seconds
+
+
 class Reserved(_Message, tag="reserved"):
     worker_id: str
     request_id: str
@@ -104,6 +113,7 @@ class Reserved(_Message, tag="reserved"):
     first_block: int = 0  # index in the prompt of the first block the prefill must write
     block_ids: list[int] = []  # the decode worker's blocks from `first_block` on
     lease_s: float = 0.0  # time left before the decode worker prefills it itself
+    deadline: float = 0.0  # the decode worker's time.time() when the lease ends
     retry: bool = False  # an answer to RetryPrefill
     reason: str = ""
 
@@ -175,6 +185,10 @@ class Shutdown(_Message, tag="shutdown"):
     pass
 
 
+class DrainAck(_Message, tag="drain_ack"):
+    pass
+
+
 class ReserveRemote(_Message, tag="reserve"):
     request_id: str
     prompt_token_ids: list[int]
@@ -190,7 +204,12 @@ class RemotePrefill(_Message, tag="remote_prefill"):
     decode_worker: str
     first_block: int
     block_ids: list[int]
-    lease_s: float  # no send may start after this many seconds from now
+    lease_s: float  # the lease's length (at the reservation, or what was left at a retry)
+    # The decode worker's time.time() at the lease's end. Anchored there, not at this message's
+    # receipt, which a busy or frozen prefill worker may see late: no send may start after
+    # deadline - (1 - LEASE_MARGIN) * lease_s by this host's clock (clocks must agree within
+    # the grace period).
+    deadline: float
 
 
 class RetryPrefill(_Message, tag="retry_prefill"):
@@ -220,11 +239,11 @@ class CheckIntegrity(_Message, tag="check_integrity"):
 
 WorkerMessage = Union[
     Hello, StepOutputs, RequestError, Heartbeat, Goodbye, Reserved, PrefillDone, KVEvents,
-    KVSnapshot, PeerRefused, IntegrityReport,
+    KVSnapshot, PeerRefused, IntegrityReport, Draining,
 ]  # fmt: skip
 RouterMessage = Union[
     AddRequest, AbortRequests, Shutdown, ReserveRemote, RemotePrefill, RetryPrefill,
-    CancelRemoteKV, AddPeers, RemovePeer, ResyncKV, CheckIntegrity,
+    CancelRemoteKV, AddPeers, RemovePeer, ResyncKV, CheckIntegrity, DrainAck,
 ]  # fmt: skip
 
 _encoder = msgspec.msgpack.Encoder()
