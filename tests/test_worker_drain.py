@@ -281,3 +281,61 @@ def test_a_prefill_worker_at_its_drain_timeout_leaves_no_write_unaccounted(route
         router.send("d", m.CancelRemoteKV(request_ids=["x"], writer_gone=True))
     until_finished(router, got, "x")
     assert outputs_of(got)["x"][0] == ref
+
+
+# ---------------------------------------------------------------- the router's side
+
+
+def test_the_router_routes_nothing_new_to_a_draining_worker(tmp_path):
+    """A real `Cluster` on its socket, the test speaking for the workers (no model runs)."""
+    import asyncio
+
+    from router.disagg_policy import DisaggConfig
+    from tests.test_router_cluster import LONG, PARAMS, Harness, run
+
+    async def main():
+        async with Harness(tmp_path, DisaggConfig(mode="always")) as h:
+            d0, d1 = await h.join("d0", "decode"), await h.join("d1", "decode")
+            p0, p1 = await h.join("p0", "prefill"), await h.join("p1", "prefill")
+            reg = h.cluster.registry
+            # d1 holds two requests when it begins to drain.
+            streams = [h.cluster.submit([(f"r{i}", LONG, PARAMS)]) for i in range(4)]
+            held, unfinished = [s for s in streams if s.worker_id == "d1"][:2]
+            for s in streams:
+                if s not in (held, unfinished):
+                    h.cluster.release(s)
+            await d1.send(m.Draining(worker_id="d1", timeout_s=30.0))
+            await d1.expect(m.DrainAck)
+            assert reg.workers["d1"].draining and reg.all_ready()
+            assert [w.worker_id for w in reg.ready_decoders()] == ["d0"]
+            streams = [h.cluster.submit([(f"n{i}", LONG, PARAMS)]) for i in range(6)]
+            assert {s.worker_id for s in streams} == {"d0"}
+            # What it holds is still its own: the client's abort reaches it.
+            h.cluster.release(held)
+            assert (await d1.expect(m.AbortRequests)).request_ids == held.request_ids
+
+            # A prefill worker that drains after it was planned for a request is not asked:
+            # the request goes to the other one.
+            for s in streams:
+                h.cluster.release(s)
+            s = h.cluster.submit([("x", LONG, PARAMS)])
+            planned = h.cluster._routes["x"].prefill
+            drainer, other = (p0, p1) if planned == "p0" else (p1, p0)
+            await drainer.send(m.Draining(worker_id=drainer.wid, timeout_s=30.0))
+            await drainer.expect(m.DrainAck)
+            while (await d0.expect(m.ReserveRemote)).request_id != "x":
+                pass  # the reservations of the requests released above
+            await d0.send(m.Reserved(worker_id="d0", request_id="x", ok=True, block_ids=[1],
+                                     lease_s=30.0, deadline=time.time() + 30))  # fmt: skip
+            assert (await other.expect(m.RemotePrefill)).request_id == "x"
+            assert not [x for x in drainer.seen if isinstance(x, m.RemotePrefill)]
+            # d1 leaves at its drain timeout: what it still held ends with an error saying so;
+            # d1 is forgotten, nothing of d0's is affected.
+            why = "drain timed out after 30s with 1 requests and 0 prefills still running"
+            await d1.send(m.Goodbye(worker_id="d1", reason=why))
+            (err,) = await asyncio.wait_for(unfinished.get(), 10)
+            assert err.status == 503 and why in err.message, err
+            assert "d1" not in reg.workers
+            assert s.open == {"x"} and reg.all_ready()
+
+    run(main())

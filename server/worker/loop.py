@@ -188,8 +188,8 @@ class WorkerLoop:
     def _settle_sends(self, timeout: float) -> None:
         """Wait (bounded) for the KV sends in flight: each completes or fails, and its outcome
         goes to the router, so the decode worker never waits on a write that may still land."""
-        deadline = self.clock() + timeout
-        while self.prefill.jobs and self.clock() < deadline:
+        deadline = time.monotonic() + timeout  # wall time, whatever clock the loop was given
+        while self.prefill.jobs and time.monotonic() < deadline:
             self._outcomes += self.prefill.poll()
             if self.prefill.jobs:
                 time.sleep(REMOTE_POLL_MS / 1000)
