@@ -7,7 +7,10 @@ chats:
   * 1P1D always   one prefill worker computes every prompt, one decode worker decodes
   * 1P1D cond.    the router's conditional mode: long prompts prefilled remotely, short local
 Reported: TTFT and TPOT p50 / p90 / p99 over all requests and per class, goodput (requests per
-second that met both SLOs) and the KV bytes the cluster moved.
+second that met both SLOs) and the KV bytes the cluster moved. On a shared machine, other jobs
+skew whichever cluster they overlap: `--rounds 2` runs the three clusters twice, interleaved,
+`--max-load` waits for a quiet machine before each one, and every row records the load
+average during its run.
 
     python benchmarks/bench_disagg.py                       # defaults sized for a small CPU box
     python benchmarks/bench_disagg.py --num-prompts 64 --request-rate 1.5 --slo-ttft 2000
@@ -18,7 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import statistics
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -58,6 +65,37 @@ def scrape(base_url: str) -> dict[str, float]:
     return out
 
 
+class LoadSampler:
+    """The 1-minute load average every few seconds while a run lasts (other jobs' share)."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(5.0):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples) if self.samples else os.getloadavg()[0]
+
+
+def wait_quiet(max_load: float, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while os.getloadavg()[0] > max_load and time.monotonic() < deadline:
+        time.sleep(10)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-prompts", type=int, default=32)
@@ -71,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-threads", type=int, default=1)
     p.add_argument("--kv-transport", default="auto")
     p.add_argument("--only", default=None, help="comma-separated config names to run")
+    p.add_argument("--rounds", type=int, default=1, help="run the clusters this many times, interleaved")
+    p.add_argument("--max-load", type=float, default=0.0,
+                   help="before each cluster, wait (up to 10 min) for the 1-min load average to "
+                        "drop below this (0: do not wait)")  # fmt: skip
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     common = [
@@ -78,11 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         "--worker-threads", str(args.worker_threads), "--kv-transport", args.kv_transport,
     ]  # fmt: skip
     runs = []
-    for name, flags in CONFIGS:
-        if args.only and name not in args.only.split(","):
-            continue
+    plan = [(r, name, flags) for r in range(args.rounds) for name, flags in CONFIGS
+            if not args.only or name in args.only.split(",")]  # fmt: skip
+    for r, name, flags in plan:
+        if args.rounds > 1:
+            name = f"{name} (round {r + 1})"
+        if args.max_load > 0:
+            wait_quiet(args.max_load)
         print(f"\n=== {name}: pdserve serve {' '.join(flags)}", flush=True)
-        with ServerProcess([*common, *flags]) as server:
+        with ServerProcess([*common, *flags]) as server, LoadSampler() as load:
             cfg = LoadConfig(
                 base_url=server.base_url + "/v1", num_prompts=args.num_prompts,
                 request_rate=args.request_rate, input_len=args.input_len,
@@ -92,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             summary = asyncio.run(run_load(cfg))
             summary["server"] = scrape(server.base_url)
+        summary["load_average"] = load.mean
         runs.append((name, flags, summary))
         s = summary
         print(f"completed {s['completed']} failed {s['failed']}  goodput {s['goodput']:.2f} req/s  "
@@ -103,11 +150,12 @@ def main(argv: list[str] | None = None) -> int:
 
     overall = table(
         ["cluster", "done", "TTFT ms p50/p90/p99", "TPOT ms p50/p90/p99", "goodput req/s",
-         "within SLO", "KV moved MiB", "decisions"],
+         "within SLO", "KV moved MiB", "decisions", "load avg"],
         [[name, f"{s['completed']}/{s['completed'] + s['failed']}", pct(s["ttft_ms"]),
           pct(s["tpot_ms"]), f"{s['goodput']:.3f}", f"{100 * s['goodput_fraction']:.0f}%",
           f"{s['server']['kv_bytes'] / 2**20:.0f}",
-          ", ".join(f"{k} {v:.0f}" for k, v in sorted(s["server"]["decisions"].items()))]
+          ", ".join(f"{k} {v:.0f}" for k, v in sorted(s["server"]["decisions"].items())),
+          f"{s['load_average']:.1f}"]
          for name, _, s in runs],
     )  # fmt: skip
     per_class = table(
@@ -124,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             f"rest short chats of ~{args.input_len} words; {args.output_len} output tokens each "
             f"(ignore_eos); SLOs TTFT <= {args.slo_ttft:.0f} ms and TPOT <= {args.slo_tpot:.0f} ms. "
             f"Embedded SmolLM2-135M, {args.worker_threads} CPU thread(s) per worker, "
-            f"KV transport {args.kv_transport}; every cluster has 2 workers.\n\n"
+            f"KV transport {args.kv_transport}; every cluster has 2 workers. The machine has "
+            f"{os.cpu_count()} cores: its two workers take about one each, so a load average "
+            "well above 2-3 during a run means other jobs competed with it.\n\n"
         )
         clusters = "\n".join(f"- {name}: `pdserve serve {' '.join(flags)}`" for name, flags, _ in runs)
         raw = json.dumps({name: s for name, _, s in runs}, indent=1)

@@ -241,6 +241,7 @@ def remote_prefill_setup(router, engines, text: str, *, drain_timeout: float):
     remote = m.RemotePrefill(
         request_id="x", prompt_token_ids=prompt, params=params, decode_worker="d",
         first_block=res.first_block, block_ids=res.block_ids, lease_s=30.0,
+        deadline=res.deadline,
     )  # fmt: skip
     return p, remote, ref
 
