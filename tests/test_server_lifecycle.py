@@ -104,7 +104,7 @@ def test_worker_killed_mid_stream_ends_its_requests_with_an_error(server):
         error = json.loads(rest[-2][6:])["error"]
         assert error["code"] == 503 and victim in error["message"]
         assert server.health() == 503  # not every worker is up any more
-        r = c.post("/v1/completions", json={"prompt": "Still there?", "max_tokens": 3})
+        r = c.post("/v1/completions", json={"prompt": "Still there?", "max_tokens": 3, "ignore_eos": True})
         assert (
             r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         )  # the survivor serves
