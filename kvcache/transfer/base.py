@@ -121,11 +121,26 @@ class KVConnector(ABC):
             raise ValueError(
                 f"KV tensor blocks are {self.bytes_per_block} bytes, layout says {layout.bytes_per_block}"
             )
+        self.mem_type = "VRAM" if kv_cache.is_cuda else "DRAM"
+        self.device_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else 0
         self.peers: dict[str, KVEndpoint] = {}
         self.collated = True  # False only for the benchmark's per-page baseline
         # A ZMQ socket that becomes readable when something arrives, for the owner's poller
         # (None: the transport has none; poll `poll_received` periodically instead).
         self.wakeup_socket = None
+
+    def _endpoint(self, **transport_fields) -> KVEndpoint:
+        """The endpoint fields every transport shares, plus its own (address, metadata)."""
+        return KVEndpoint(
+            worker_id=self.worker_id,
+            transport=self.transport,
+            version=CONNECTOR_VERSION,
+            layout=self.layout,
+            num_blocks=self.kv_cache.shape[0],
+            mem_type=self.mem_type,
+            device_id=self.device_id,
+            **transport_fields,
+        )
 
     # -- peers --------------------------------------------------------------------------------
 

@@ -47,25 +47,13 @@ class NixlConnector(KVConnector):
     def __init__(self, worker_id: str, kv_cache: torch.Tensor, layout: KVLayout) -> None:
         super().__init__(worker_id, kv_cache, layout)
         self.agent = nixl_agent(worker_id, nixl_agent_config(backends=["UCX"]))
-        self.mem_type = "VRAM" if kv_cache.is_cuda else "DRAM"
-        self.device_id = kv_cache.device.index or 0 if kv_cache.is_cuda else 0
         self._reg = self.agent.register_memory(kv_cache)
         self._base = kv_cache.data_ptr()
         self._pending: list[_Pending] = []
         self._immediate: list[SendResult] = []
 
     def endpoint(self) -> KVEndpoint:
-        return KVEndpoint(
-            worker_id=self.worker_id,
-            transport=self.transport,
-            version=CONNECTOR_VERSION,
-            layout=self.layout,
-            num_blocks=self.kv_cache.shape[0],
-            mem_type=self.mem_type,
-            device_id=self.device_id,
-            base_addr=self._base,
-            nixl_metadata=self.agent.get_agent_metadata(),
-        )
+        return self._endpoint(base_addr=self._base, nixl_metadata=self.agent.get_agent_metadata())
 
     def _connect(self, ep: KVEndpoint) -> None:
         self.agent.add_remote_agent(ep.nixl_metadata)

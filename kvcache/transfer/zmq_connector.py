@@ -65,17 +65,7 @@ class ZmqConnector(KVConnector):
         self.wakeup_socket = self.pull
 
     def endpoint(self) -> KVEndpoint:
-        return KVEndpoint(
-            worker_id=self.worker_id,
-            transport=self.transport,
-            version=CONNECTOR_VERSION,
-            layout=self.layout,
-            num_blocks=self.kv_cache.shape[0],
-            mem_type="VRAM" if self.kv_cache.is_cuda else "DRAM",
-            device_id=self.kv_cache.device.index or 0 if self.kv_cache.is_cuda else 0,
-            base_addr=0,
-            zmq_address=self.address,
-        )
+        return self._endpoint(base_addr=0, zmq_address=self.address)
 
     def _connect(self, ep: KVEndpoint) -> None:
         sock = self.ctx.socket(zmq.PUSH)
