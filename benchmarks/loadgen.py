@@ -33,6 +33,8 @@ from typing import Any
 
 import openai
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.workloads, as a script
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WORDS = [
     "time",
@@ -97,11 +99,17 @@ class LoadConfig:
     warmup: int = 2
     timeout: float = 600.0
     processes: int = 1  # client processes sharing the load
+    # A named workload of benchmarks/workloads.py (token-id prompts, per-request lengths)
+    # instead of the word prompts above; its requests are classed "long" / "short".
+    workload: str = ""
+    length_scale: float = 1.0  # the workload's lengths times this (small smoke runs)
+    keep_requests: bool = False  # put every request's numbers in the summary ("requests")
 
 
 @dataclasses.dataclass
 class RequestResult:
     ok: bool
+    cls: str = ""  # the workload's request class, if it has them
     ttft: float = 0.0
     e2e: float = 0.0
     output_tokens: int = 0
@@ -128,23 +136,39 @@ def make_prompts(
     ]
 
 
+# One request to send: prompt (text or token ids), max_tokens, class label.
+Item = tuple["str | list[int]", int, str]
+
+
+def make_items(cfg: LoadConfig, n: int) -> list[Item]:
+    if cfg.workload:
+        from benchmarks.workloads import make_workload
+
+        return [(r.prompt, r.max_tokens, r.cls) for r in make_workload(cfg.workload, n, cfg.seed, cfg.length_scale)]
+    prompts = make_prompts(n, cfg.input_len, cfg.seed, cfg.long_input_len, cfg.long_fraction)
+    return [(p, cfg.output_len, "") for p in prompts]
+
+
 async def one_request(
-    client: openai.AsyncOpenAI, cfg: LoadConfig, model: str, prompt: str
+    client: openai.AsyncOpenAI, cfg: LoadConfig, model: str, item: Item
 ) -> RequestResult:
+    prompt, max_tokens, cls = item
     extra = {"ignore_eos": cfg.ignore_eos} if cfg.ignore_eos else {}
     common: dict[str, Any] = dict(
         model=model,
-        max_tokens=cfg.output_len,
+        max_tokens=max_tokens,
         temperature=cfg.temperature,
         stream=True,
         stream_options={"include_usage": True},
         extra_body=extra,
     )
-    res = RequestResult(ok=False)
+    res = RequestResult(ok=False, cls=cls)
     start = time.perf_counter()
     last = start
     try:
         if cfg.endpoint == "chat":
+            if not isinstance(prompt, str):
+                raise ValueError("the chat endpoint takes text prompts, not token ids")
             stream = await client.chat.completions.create(
                 messages=[{"role": "user", "content": prompt}], **common
             )
@@ -176,8 +200,8 @@ async def one_request(
 
 async def _drive(
     cfg: LoadConfig,
-    prompts: list[str],
-    warmup: list[str],
+    prompts: list[Item],
+    warmup: list[Item],
     concurrency: int,
     request_rate: float,
     start_at: float,
@@ -187,9 +211,8 @@ async def _drive(
         base_url=cfg.base_url, api_key=cfg.api_key, max_retries=0, timeout=cfg.timeout
     )
     model = cfg.model or (await client.models.list()).data[0].id
-    short = dataclasses.replace(cfg, output_len=min(cfg.output_len, 8))
-    for p in warmup:
-        await one_request(client, short, model, p)
+    for prompt, max_tokens, cls in warmup:
+        await one_request(client, cfg, model, (prompt, min(max_tokens, 8), cls))
     await asyncio.sleep(max(0.0, start_at - time.time()))
     results: list[RequestResult] = []
     t0 = time.time()
@@ -213,12 +236,10 @@ async def _drive(
     return model, results, t0, t1
 
 
-def _shard(cfg: LoadConfig, k: int) -> tuple[list[str], list[str], int, float]:
-    """Shard k of `cfg.processes`: its prompts, warm-up prompts, concurrency and rate."""
+def _shard(cfg: LoadConfig, k: int) -> tuple[list[Item], list[Item], int, float]:
+    """Shard k of `cfg.processes`: its requests, warm-up requests, concurrency and rate."""
     n = cfg.processes
-    prompts = make_prompts(
-        cfg.num_prompts + cfg.warmup, cfg.input_len, cfg.seed, cfg.long_input_len, cfg.long_fraction
-    )
+    prompts = make_items(cfg, cfg.num_prompts + cfg.warmup)
     warmup, prompts = prompts[: cfg.warmup], prompts[cfg.warmup :]
     concurrency = cfg.concurrency // n + (1 if k < cfg.concurrency % n else 0)
     return prompts[k::n], warmup, max(1, concurrency), cfg.request_rate / n
@@ -311,17 +332,19 @@ def summarize(
 
     good = [r for r in ok if meets_slo(r)]
     classes = {}
-    if cfg.long_fraction > 0:  # per prompt class of a mixed workload
+    if cfg.workload == "mix" or (not cfg.workload and cfg.long_fraction > 0):
+        # per prompt class of a mixed workload
         cut = (cfg.input_len + cfg.long_input_len) / 2  # words ~ tokens for these prompts
-        for name, rs in (("short", [r for r in ok if r.prompt_tokens < cut]),
-                         ("long", [r for r in ok if r.prompt_tokens >= cut])):  # fmt: skip
+        is_long = (lambda r: r.cls == "long") if cfg.workload else (lambda r: r.prompt_tokens >= cut)
+        for name, rs in (("short", [r for r in ok if not is_long(r)]),
+                         ("long", [r for r in ok if is_long(r)])):  # fmt: skip
             classes[name] = {
                 "completed": len(rs),
                 "within_slo": sum(meets_slo(r) for r in rs),
                 "ttft_ms": _pcts([r.ttft for r in rs]),
                 "tpot_ms": _pcts([r.tpot for r in rs if r.output_tokens > 1]),
             }
-    return {
+    summary = {
         "config": dataclasses.asdict(cfg) | {"api_key": "***"},
         "model": model,
         "completed": len(ok),
@@ -339,6 +362,14 @@ def summarize(
         "e2e_ms": _pcts([r.e2e for r in ok]),
         "classes": classes,
     }
+    if cfg.keep_requests:
+        summary["requests"] = [
+            {"ok": r.ok, "cls": r.cls, "ttft_ms": r.ttft * 1000, "tpot_ms": r.tpot * 1000,
+             "e2e_ms": r.e2e * 1000, "prompt_tokens": r.prompt_tokens,
+             "output_tokens": r.output_tokens, "error": r.error}
+            for r in results
+        ]  # fmt: skip
+    return summary
 
 
 def machine() -> dict[str, Any]:
@@ -422,6 +453,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
     p.add_argument("--long-input-len", type=int, default=0, help="words (mixed workload)")
     p.add_argument("--long-fraction", type=float, default=0.0, help="share of long prompts")
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--workload", default="", choices=["", "long", "chat", "mix"],
+                   help="a benchmarks/workloads.py workload (token-id prompts, per-request "
+                        "lengths) instead of --input-len / --output-len word prompts")
     p.add_argument("--no-ignore-eos", action="store_true")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -436,7 +470,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
         concurrency=a.concurrency, request_rate=a.request_rate, input_len=a.input_len, output_len=a.output_len,
         long_input_len=a.long_input_len, long_fraction=a.long_fraction,
         ignore_eos=not a.no_ignore_eos, temperature=a.temperature, seed=a.seed, slo_ttft_ms=a.slo_ttft,
-        slo_tpot_ms=a.slo_tpot, warmup=a.warmup, processes=a.processes,
+        slo_tpot_ms=a.slo_tpot, warmup=a.warmup, processes=a.processes, workload=a.workload,
     )  # fmt: skip
     return cfg, not a.no_save
 

@@ -39,6 +39,7 @@ from server.api.context import ServerConfig, ServerContext
 from server.cli import add_engine_args, engine_config_from_args
 from server.frontend.tokenizer_loader import load_tokenizer
 from server.metrics import ServerMetrics
+from server.worker.placement import parse_gpus, place_workers
 from server.worker.spawn import WorkerProcess, spawn_worker, stop_workers
 
 logger = logging.getLogger("server.api")
@@ -58,6 +59,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-workers", type=int, default=0, help="workers of role decode")
     g.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "zmq", "none"],
                    help="KV handoff transport of the spawned workers (auto: nixl if installed)")
+    g.add_argument("--gpus", default=None,
+                   help="GPUs the spawned workers are spread over, round-robin in the order both, "
+                        "prefill, decode (e.g. 0,1; default: all visible; --device cuda:N pins "
+                        "every worker to GPU N); workers sharing a GPU split "
+                        "--gpu-memory-utilization")
     _add_router_args(parser, control_addr=None)
 
 
@@ -119,15 +125,31 @@ def _add_router_args(parser: argparse.ArgumentParser, control_addr: str | None) 
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def engine_config(args: argparse.Namespace, num_workers: int) -> dict[str, Any]:
-    """`EngineConfig` fields as JSON-able values (each worker builds the dataclass)."""
+def engine_configs(args: argparse.Namespace, num_workers: int) -> list[dict[str, Any]]:
+    """Each spawned worker's `EngineConfig` fields as JSON-able values (each worker builds the
+    dataclass): the same flags, with the device and memory share of its placement."""
     config = engine_config_from_args(args)
     config.num_threads = args.worker_threads
     config.progress = False
-    if num_workers > 1:
-        # Workers that share a GPU each profile what is free: split the fraction between them.
-        config.gpu_memory_utilization /= num_workers
-    return dataclasses.asdict(config)
+    placements = place_workers(
+        num_workers, config.device, config.gpu_memory_utilization, visible_gpus(config.device),
+        parse_gpus(args.gpus),
+    )  # fmt: skip
+    return [
+        dataclasses.asdict(dataclasses.replace(
+            config, device=p.device, gpu_memory_utilization=p.gpu_memory_utilization
+        ))
+        for p in placements
+    ]  # fmt: skip
+
+
+def visible_gpus(device: str) -> int:
+    """CUDA devices this host shows (0 when the workers run on the CPU anyway)."""
+    if device == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def worker_plan(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -186,6 +208,10 @@ def run_serve(args: argparse.Namespace, spawn: bool = True) -> int:
         decoders = sum(role != "prefill" for _, role in plan)
         max_pending = 4 * args.max_num_seqs * decoders if decoders else 256
     try:
+        configs = engine_configs(args, len(plan)) if spawn else []
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    try:
         tokenizer = load_tokenizer(args.model)
     except (OSError, ValueError) as exc:
         logger.error("cannot load the tokenizer of %s: %s", args.model or "the embedded model", exc)
@@ -230,9 +256,9 @@ def run_serve(args: argparse.Namespace, spawn: bool = True) -> int:
         cluster.bind()
         cluster.on_worker_dead.append(on_worker_dead)
         workers: list[WorkerProcess] = []
-        for worker_id, role in plan:
+        for (worker_id, role), config in zip(plan, configs, strict=True):
             w = spawn_worker(
-                worker_id, address, engine_config(args, len(plan)), role=role,
+                worker_id, address, config, role=role,
                 log_level=args.log_level, kv_transport=args.kv_transport,
             )  # fmt: skip
             workers.append(w)

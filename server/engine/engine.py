@@ -55,9 +55,14 @@ class EngineConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto" -> the current CUDA device if there is one, else the CPU; a CUDA device always
+    comes back with its index (cuda -> cuda:<current>)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -82,6 +87,9 @@ class EngineCore:
         torch.manual_seed(config.seed)
         on_cuda = self.device.type == "cuda"
         if on_cuda:
+            # Everything that allocates or launches on "the current device" (Triton kernels,
+            # FlashInfer workspaces, CUDA graph capture, streams) must agree with the engine's.
+            torch.cuda.set_device(self.device)
             install_fused_ops(self.device)
         loaded = load_model(config.model, self.dtype, self.device, config.max_model_len,
                             progress=config.progress, seed=config.seed)

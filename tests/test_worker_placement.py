@@ -1,0 +1,73 @@
+"""Where `pdserve serve` puts its workers: pure placement rules, and the flag end to end."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from server.api.launch import add_serve_args, engine_configs
+from server.worker.placement import Placement, parse_gpus, place_workers
+
+
+def test_cpu_workers_keep_the_device_and_memory_share() -> None:
+    assert place_workers(3, "cpu", 0.9, visible_gpus=0) == [Placement("cpu", 0.9)] * 3
+    assert place_workers(2, "auto", 0.9, visible_gpus=0) == [Placement("auto", 0.9)] * 2
+
+
+def test_one_worker_per_gpu_round_robin() -> None:
+    # 1 prefill + 1 decode on 2 GPUs: each its own GPU with the whole fraction.
+    assert place_workers(2, "auto", 0.9, visible_gpus=2) == [
+        Placement("cuda:0", 0.9),
+        Placement("cuda:1", 0.9),
+    ]
+    assert [p.device for p in place_workers(2, "cuda", 0.8, visible_gpus=4)] == ["cuda:0", "cuda:1"]
+
+
+def test_workers_sharing_a_gpu_split_its_memory() -> None:
+    got = place_workers(3, "auto", 0.9, visible_gpus=2)
+    assert [p.device for p in got] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert [p.gpu_memory_utilization for p in got] == pytest.approx([0.45, 0.9, 0.45])
+
+
+def test_pinned_device_and_gpu_subset() -> None:
+    got = place_workers(2, "cuda:1", 0.9, visible_gpus=2)
+    assert got == [Placement("cuda:1", 0.45)] * 2
+    got = place_workers(3, "auto", 0.6, visible_gpus=4, gpus=[2, 3])
+    assert [p.device for p in got] == ["cuda:2", "cuda:3", "cuda:2"]
+    assert [p.gpu_memory_utilization for p in got] == pytest.approx([0.3, 0.6, 0.3])
+
+
+def test_missing_gpus_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"GPU\(s\) \[3\] requested but only 2 visible"):
+        place_workers(2, "auto", 0.9, visible_gpus=2, gpus=[0, 3])
+    with pytest.raises(ValueError, match="no CUDA device"):
+        place_workers(1, "cuda", 0.9, visible_gpus=0)
+
+
+def test_parse_gpus() -> None:
+    assert parse_gpus(None) is None
+    assert parse_gpus("all") is None
+    assert parse_gpus("0, 2") == [0, 2]
+    for bad in ("a,b", "-1", ","):
+        with pytest.raises(ValueError, match="comma-separated GPU indices"):
+            parse_gpus(bad)
+
+
+def serve_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_serve_flags_become_per_worker_engine_configs() -> None:
+    args = serve_args(
+        ["--device", "cpu", "--prefill-workers", "1", "--decode-workers", "2",
+         "--max-num-seqs", "7"]
+    )  # fmt: skip
+    configs = engine_configs(args, 3)
+    assert [c["device"] for c in configs] == ["cpu"] * 3
+    assert {c["max_num_seqs"] for c in configs} == {7}
+    bad = serve_args(["--device", "cpu", "--gpus", "x"])
+    with pytest.raises(ValueError, match="comma-separated"):
+        engine_configs(bad, 1)
