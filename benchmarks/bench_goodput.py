@@ -55,7 +55,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
 # Offered rates (requests/s, whole cluster) for an 8B model on two H200s.
 DEFAULT_RATES = {
     "long": [1.5, 3.0, 4.5, 6.0, 8.0],
-    "chat": [10.0, 20.0, 40.0, 60.0, 80.0],
+    "chat": [20.0, 40.0, 60.0, 80.0],
     "mix": [3.0, 6.0, 9.0, 12.0, 16.0],
 }
 SLOS = [
@@ -210,6 +210,10 @@ def run_config(name: str, args: argparse.Namespace, rates: dict[str, list[float]
                       f"  KV {server_side['kv_bytes'] / 2**30:.1f} GiB"
                       f" in {server_side['transfers']:.0f} transfers"
                       f"  decisions {server_side['decisions']}", flush=True)  # fmt: skip
+                if "local_no_prefill" in server_side["decisions"] and "--prefill-workers" in flags:
+                    print(f"  {name}: the prefill worker is gone (see the server log); this "
+                          "configuration's results stop here", flush=True)  # fmt: skip
+                    return
                 if past_saturation(summary, SLOS[-1], args.stop_factor):
                     print(f"  {workload}: past saturation, sweep stops", flush=True)
                     break
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", default="", help="more `pdserve serve` flags for every config")
     p.add_argument("--length-scale", type=float, default=1.0,
                    help="scale every workload length (CPU smoke runs)")  # fmt: skip
-    p.add_argument("--point-seconds", type=float, default=10.0, help="arrivals per point")
+    p.add_argument("--point-seconds", type=float, default=8.0, help="arrivals per point")
     p.add_argument("--min-prompts", type=int, default=20)
     p.add_argument("--max-prompts", type=int, default=300)
     p.add_argument("--tail-seconds", type=float, default=10.0,
