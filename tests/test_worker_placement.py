@@ -16,25 +16,30 @@ def test_cpu_workers_keep_the_device_and_memory_share() -> None:
 
 
 def test_one_worker_per_gpu_round_robin() -> None:
-    # 1 prefill + 1 decode on 2 GPUs: each its own GPU with the whole fraction.
+    # 1 prefill + 1 decode on 2 GPUs: each its own GPU (the only one it sees) and the whole
+    # fraction.
     assert place_workers(2, "auto", 0.9, visible_gpus=2) == [
-        Placement("cuda:0", 0.9),
-        Placement("cuda:1", 0.9),
+        Placement("cuda:0", 0.9, "0"),
+        Placement("cuda:0", 0.9, "1"),
     ]
-    assert [p.device for p in place_workers(2, "cuda", 0.8, visible_gpus=4)] == ["cuda:0", "cuda:1"]
+    got = place_workers(2, "cuda", 0.8, visible_gpus=4)
+    assert [p.visible_devices for p in got] == ["0", "1"]
+    # Indices refer to the entries of this process's own CUDA_VISIBLE_DEVICES.
+    got = place_workers(2, "auto", 0.8, visible_gpus=2, parent_visible="5, GPU-abc")
+    assert [p.visible_devices for p in got] == ["5", "GPU-abc"]
 
 
 def test_workers_sharing_a_gpu_split_its_memory() -> None:
     got = place_workers(3, "auto", 0.9, visible_gpus=2)
-    assert [p.device for p in got] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert [p.visible_devices for p in got] == ["0", "1", "0"]
     assert [p.gpu_memory_utilization for p in got] == pytest.approx([0.45, 0.9, 0.45])
 
 
 def test_pinned_device_and_gpu_subset() -> None:
     got = place_workers(2, "cuda:1", 0.9, visible_gpus=2)
-    assert got == [Placement("cuda:1", 0.45)] * 2
+    assert got == [Placement("cuda:1", 0.45)] * 2  # pinned: sees every GPU, no narrowing
     got = place_workers(3, "auto", 0.6, visible_gpus=4, gpus=[2, 3])
-    assert [p.device for p in got] == ["cuda:2", "cuda:3", "cuda:2"]
+    assert [p.visible_devices for p in got] == ["2", "3", "2"]
     assert [p.gpu_memory_utilization for p in got] == pytest.approx([0.3, 0.6, 0.3])
 
 
@@ -66,8 +71,9 @@ def test_serve_flags_become_per_worker_engine_configs() -> None:
          "--max-num-seqs", "7"]
     )  # fmt: skip
     configs = engine_configs(args, 3)
-    assert [c["device"] for c in configs] == ["cpu"] * 3
-    assert {c["max_num_seqs"] for c in configs} == {7}
+    assert [c["device"] for c, _ in configs] == ["cpu"] * 3
+    assert [env for _, env in configs] == [{}] * 3
+    assert {c["max_num_seqs"] for c, _ in configs} == {7}
     bad = serve_args(["--device", "cpu", "--gpus", "x"])
     with pytest.raises(ValueError, match="comma-separated"):
         engine_configs(bad, 1)

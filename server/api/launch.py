@@ -39,7 +39,7 @@ from server.api.context import ServerConfig, ServerContext
 from server.cli import add_engine_args, engine_config_from_args
 from server.frontend.tokenizer_loader import load_tokenizer
 from server.metrics import ServerMetrics
-from server.worker.placement import parse_gpus, place_workers
+from server.worker.placement import Placement, parse_gpus, place_workers
 from server.worker.spawn import WorkerProcess, spawn_worker, stop_workers
 
 logger = logging.getLogger("server.api")
@@ -125,22 +125,30 @@ def _add_router_args(parser: argparse.ArgumentParser, control_addr: str | None) 
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def engine_configs(args: argparse.Namespace, num_workers: int) -> list[dict[str, Any]]:
+def engine_configs(
+    args: argparse.Namespace, num_workers: int
+) -> list[tuple[dict[str, Any], dict[str, str]]]:
     """Each spawned worker's `EngineConfig` fields as JSON-able values (each worker builds the
-    dataclass): the same flags, with the device and memory share of its placement."""
+    dataclass) -- the same flags, with the device and memory share of its placement -- and the
+    environment it starts with (CUDA_VISIBLE_DEVICES of its GPU)."""
     config = engine_config_from_args(args)
     config.num_threads = args.worker_threads
     config.progress = False
-    placements = place_workers(
-        num_workers, config.device, config.gpu_memory_utilization, visible_gpus(config.device),
-        parse_gpus(args.gpus),
-    )  # fmt: skip
     return [
-        dataclasses.asdict(dataclasses.replace(
+        (dataclasses.asdict(dataclasses.replace(
             config, device=p.device, gpu_memory_utilization=p.gpu_memory_utilization
-        ))
-        for p in placements
+        )), {"CUDA_VISIBLE_DEVICES": p.visible_devices} if p.visible_devices else {})
+        for p in worker_placements(args, config.device, config.gpu_memory_utilization, num_workers)
     ]  # fmt: skip
+
+
+def worker_placements(
+    args: argparse.Namespace, device: str, utilization: float, num_workers: int
+) -> list[Placement]:
+    return place_workers(
+        num_workers, device, utilization, visible_gpus(device), parse_gpus(args.gpus),
+        os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )  # fmt: skip
 
 
 def visible_gpus(device: str) -> int:
@@ -256,9 +264,9 @@ def run_serve(args: argparse.Namespace, spawn: bool = True) -> int:
         cluster.bind()
         cluster.on_worker_dead.append(on_worker_dead)
         workers: list[WorkerProcess] = []
-        for (worker_id, role), config in zip(plan, configs, strict=True):
+        for (worker_id, role), (config, env) in zip(plan, configs, strict=True):
             w = spawn_worker(
-                worker_id, address, config, role=role,
+                worker_id, address, config, role=role, env=env,
                 log_level=args.log_level, kv_transport=args.kv_transport,
             )  # fmt: skip
             workers.append(w)

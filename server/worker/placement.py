@@ -5,9 +5,13 @@ workers over them round-robin in plan order (workers of role both, then prefill,
 so `--prefill-workers 1 --decode-workers 1` on two GPUs puts the prefill worker on GPU 0 and
 the decode worker on GPU 1. `--gpus 2,3` restricts the spread to those GPUs; `--device cuda:N`
 pins every worker to GPU N. Workers that share a GPU split `--gpu-memory-utilization` between
-them (each profiles what is free when it starts). Every worker sees every GPU (no
-CUDA_VISIBLE_DEVICES narrowing): CUDA IPC between two GPUs of one host, which the KV handoff
-uses, needs both devices visible in both processes.
+them (each profiles what is free when it starts).
+
+A spread worker sees only its own GPU (CUDA_VISIBLE_DEVICES narrowed to it, as vLLM and
+Dynamo run one worker per GPU), so its device is cuda:0 in its own numbering. This matters for
+the KV handoff: NIXL's UCX backend takes the device id of each descriptor as a device of the
+calling process, and a prefill worker that saw both GPUs wrote a peer's descriptors (device 1)
+through the wrong device context, which ended in an illegal memory access (H200 x2, 2026-11-22).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 class Placement:
     device: str  # the worker's EngineConfig.device
     gpu_memory_utilization: float
+    visible_devices: str | None = None  # the worker's CUDA_VISIBLE_DEVICES (None: inherit)
 
 
 def parse_gpus(text: str | None) -> list[int] | None:
@@ -43,16 +48,19 @@ def place_workers(
     gpu_memory_utilization: float,
     visible_gpus: int,
     gpus: list[int] | None = None,
+    parent_visible: str | None = None,
 ) -> list[Placement]:
-    """One Placement per worker, in plan order. Raises ValueError for a GPU that is not there."""
+    """One Placement per worker, in plan order. `parent_visible` is this process's
+    CUDA_VISIBLE_DEVICES (indices refer to its entries). Raises ValueError for a GPU that is
+    not there."""
     on_gpu = device.startswith("cuda") or (device == "auto" and visible_gpus > 0)
     if not on_gpu or num_workers == 0:
         return [Placement(device, gpu_memory_utilization)] * num_workers
     if visible_gpus == 0:
         raise ValueError(f"--device {device}: no CUDA device is visible")
-    if ":" in device:  # pinned: every worker on that one GPU
-        index = int(device.split(":", 1)[1])
-        devices = [index] * num_workers
+    pinned = ":" in device
+    if pinned:  # every worker on that one GPU
+        devices = [int(device.split(":", 1)[1])] * num_workers
     else:
         pool = gpus if gpus is not None else list(range(visible_gpus))
         devices = [pool[i % len(pool)] for i in range(num_workers)]
@@ -60,4 +68,10 @@ def place_workers(
     if missing:
         raise ValueError(f"GPU(s) {missing} requested but only {visible_gpus} visible")
     sharing = Counter(devices)
-    return [Placement(f"cuda:{d}", gpu_memory_utilization / sharing[d]) for d in devices]
+    if pinned:
+        return [Placement(f"cuda:{d}", gpu_memory_utilization / sharing[d]) for d in devices]
+    names = [x.strip() for x in parent_visible.split(",")] if parent_visible else None
+    return [
+        Placement("cuda:0", gpu_memory_utilization / sharing[d], names[d] if names else str(d))
+        for d in devices
+    ]
