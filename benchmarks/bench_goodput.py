@@ -50,6 +50,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "colocated": ("2 x both, prefill where decoded", ["--num-workers", "2", "--disagg-mode", "never"]),
     "disagg": ("1 prefill + 1 decode, always remote", [*_PD, "--disagg-mode", "always"]),
     "conditional": ("1 prefill + 1 decode, conditional", [*_PD, "--disagg-mode", "conditional"]),
+    "single": ("1 x both (one GPU; a reference, not a 2-GPU configuration)",
+               ["--num-workers", "1", "--disagg-mode", "never"]),
     "conditional-both": ("2 x both, conditional", ["--num-workers", "2", "--disagg-mode", "conditional"]),
 }  # fmt: skip
 # Offered rates (requests/s, whole cluster) for an 8B model on two H200s.

@@ -58,8 +58,23 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._graph_decode: dict[int, object] = {}  # batch size -> use_cuda_graph wrapper
         self._decode = self._decode_eager
         self._has_prefill = False
+        self._plan_copied: torch.cuda.Event | None = None
 
     # -- planning ---------------------------------------------------------------------------
+
+    def _wait_previous_plan(self) -> None:
+        """FlashInfer's plan() writes its plan into a pinned host buffer per wrapper and copies
+        it to the device without blocking. A step that samples nothing (a prefill chunk in the
+        middle of a long prompt, no decodes) has no host sync, so the next plan() could rewrite
+        that buffer before the GPU, still busy with earlier steps, had copied it: the kernels
+        then read another step's plan (illegal memory accesses serving 2k-8k prompts on H200,
+        gone under CUDA_LAUNCH_BLOCKING). Wait until the previous plan's copies have run."""
+        if self._plan_copied is not None:
+            self._plan_copied.synchronize()
+
+    def _plan_done(self) -> None:
+        self._plan_copied = torch.cuda.Event()
+        self._plan_copied.record()
 
     def _page_info(self, m: AttentionMetadata):
         """Host indptr / last-page lengths (int32 CPU tensors) and the device page indices
@@ -95,6 +110,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         )
 
     def plan(self, metadata: AttentionMetadata) -> None:
+        self._wait_previous_plan()
         self.metadata = m = metadata
         nd = m.num_decode_seqs
         indptr, last, indices, indptr_list = self._page_info(m)
@@ -113,11 +129,13 @@ class FlashInferAttentionBackend(AttentionBackend):
                 self.num_heads, self.num_kv_heads, self.head_dim, self.kv_cache.shape[3],
                 causal=True, sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype,
             )
+        self._plan_done()
 
     def plan_cuda_graph(self, metadata: AttentionMetadata) -> None:
         m = metadata
         if m.num_decode_seqs != m.num_seqs:
             raise ValueError("CUDA graphs cover pure-decode batches only")
+        self._wait_previous_plan()
         bs = m.num_seqs
         wrapper = self._graph_decode.get(bs)
         if wrapper is None:
@@ -135,6 +153,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         indptr, last, indices, _ = self._page_info(m)
         self._plan_decode(wrapper, indptr, indices, last)
         self._decode = wrapper
+        self._plan_done()
         self._has_prefill = False
 
     # -- running ----------------------------------------------------------------------------
