@@ -1,7 +1,12 @@
 """Long prompts (2k-8k tokens, chunked at 2048) arriving while others decode, on an
-8B-shaped model: the serving pattern of the goodput study, where a worker died with an
-illegal memory access (H200 x2, 2026-11-22). Every request must finish with all its tokens,
-with CUDA graphs and without.
+8B-shaped model: the serving pattern of the goodput study. Every request must finish with all
+its tokens, with CUDA graphs and without.
+
+Honest limit: this offline loop passed on an H200 even before the FlashInfer plan race was
+fixed (kernels/attention/flashinfer_backend.py, `_wait_previous_plan`); the race needed a
+server's timing (steps that sample nothing while the GPU runs behind the host). What showed the
+crash and its fix was `benchmarks/bench_goodput.py --configs single --workloads long`
+(benchmarks/results/2026-11-22-goodput-h200x2-long.md).
 """
 
 from __future__ import annotations
