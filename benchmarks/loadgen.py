@@ -205,6 +205,7 @@ async def _drive(
     concurrency: int,
     request_rate: float,
     start_at: float,
+    shard: int = 0,
 ) -> tuple[str, list[RequestResult], float, float]:
     """Warm up, wait for wall-clock `start_at` (0: now), run; returns (model, results, t0, t1)."""
     client = openai.AsyncOpenAI(
@@ -217,7 +218,9 @@ async def _drive(
     results: list[RequestResult] = []
     t0 = time.time()
     if request_rate > 0:
-        rng = random.Random(cfg.seed)
+        # Each client process draws its own gaps: with one shared seed, the processes' Poisson
+        # streams were identical and requests arrived in bursts of `processes` at once.
+        rng = random.Random(cfg.seed * 1_000_003 + shard)
         tasks = []
         for p in prompts:
             tasks.append(asyncio.create_task(one_request(client, cfg, model, p)))
@@ -289,7 +292,7 @@ SHARD_TAG = "LOADGEN_SHARD "
 def shard_main(k: int, spec: str, start_at: float) -> int:
     cfg = LoadConfig(**json.loads(spec))
     prompts, warmup, concurrency, rate = _shard(cfg, k)
-    model, results, t0, t1 = asyncio.run(_drive(cfg, prompts, warmup, concurrency, rate, start_at))
+    model, results, t0, t1 = asyncio.run(_drive(cfg, prompts, warmup, concurrency, rate, start_at, k))
     payload = {
         "model": model,
         "t0": t0,
