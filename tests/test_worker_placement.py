@@ -77,3 +77,17 @@ def test_serve_flags_become_per_worker_engine_configs() -> None:
     bad = serve_args(["--device", "cpu", "--gpus", "x"])
     with pytest.raises(ValueError, match="comma-separated"):
         engine_configs(bad, 1)
+
+
+def test_kv_budget_counts_only_this_process_against_its_share() -> None:
+    from server.engine.gpu_memory import kv_budget
+
+    gib = 1 << 30
+    # Alone on a 140 GiB GPU at 0.9: 126 - 17 held - 1 context = 108, less peak 1 and reserve 1.
+    assert kv_budget(140 * gib, 122 * gib, 17 * gib, gib, 0.9) == 106 * gib
+    # Sharing at 0.45 after the neighbour took 62 GiB: the share (63 - 17 - 1 = 45) still fits.
+    assert kv_budget(140 * gib, 60 * gib, 17 * gib, gib, 0.45) == 43 * gib
+    # ...but never more than is free.
+    assert kv_budget(140 * gib, 30 * gib, 17 * gib, gib, 0.45) == 28 * gib
+    # Nothing left: negative, which the caller reports as an error.
+    assert kv_budget(140 * gib, gib, 17 * gib, gib, 0.45) < 0

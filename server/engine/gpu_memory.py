@@ -1,8 +1,15 @@
 """Size the KV cache from free GPU memory (`--gpu-memory-utilization`), after the weights are
 loaded and a warm-up forward of `max_num_batched_tokens` tokens has shown the activations' peak.
 
-budget = utilization * total - (memory in use now: weights, CUDA context, other processes)
+budget = min(utilization * total - (this process's memory: its allocator's reservations plus
+                                    a CUDA-context allowance),
+             free memory now)
          - (activation + sampler peak of the warm-up step) - reserve (CUDA graphs, workspaces)
+
+`utilization` is this process's share of the GPU, so other processes' memory does not come off
+it -- it only caps the budget through what is free. (Counting every process's memory, two
+workers sharing a GPU with 0.45 each failed at start whenever one profiled after the other had
+taken its KV cache: 2026-11-22, H200.)
 """
 
 from __future__ import annotations
@@ -21,6 +28,18 @@ log = logging.getLogger(__name__)
 
 # CUDA-graph pools, per-bucket attention wrappers and allocator fragmentation.
 RESERVE_BYTES = 1 << 30
+# This process's memory outside PyTorch's allocator: CUDA context, cuBLAS / NCCL handles.
+CONTEXT_BYTES = 1 << 30
+
+
+def kv_budget(
+    total: int, free: int, own_reserved: int, peak: int, utilization: float,
+    reserve: int = RESERVE_BYTES, context: int = CONTEXT_BYTES,
+) -> int:  # fmt: skip
+    """The KV cache's bytes: this process's share of the GPU less what it already holds, never
+    more than is free, less the warm-up peak and the reserve (negative: nothing fits)."""
+    share = int(total * utilization) - own_reserved - context
+    return min(share, free) - peak - reserve
 
 
 @torch.inference_mode()
@@ -76,9 +95,9 @@ def profile_kv_cache_bytes(
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     in_use = total - free
-    budget = int(total * utilization - in_use - peak - RESERVE_BYTES)
+    budget = kv_budget(total, free, torch.cuda.memory_reserved(device), peak, utilization)
     log.info(
-        "GPU memory: %.1f GiB total, %.1f GiB in use (weights, context), warm-up peak %.2f GiB "
+        "GPU memory: %.1f GiB total, %.1f GiB in use (all processes), warm-up peak %.2f GiB "
         "for %d tokens; KV cache gets %.1f GiB at utilization %.2f",
         total / 2**30, in_use / 2**30, peak / 2**30, t, max(budget, 0) / 2**30, utilization,
     )
