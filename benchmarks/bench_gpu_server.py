@@ -47,9 +47,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.workloads import TOKEN_VOCAB  # noqa: E402
+
 SHARD_TAG = "SERVER_BENCH_SHARD "
 HF_TAG = "HF_RESULT "
-TOKEN_VOCAB = 49152  # ids drawn below the borrowed tokenizer's vocabulary: all have text
 
 
 def token_prompts(n: int, length: int, seed: int) -> list[list[int]]:

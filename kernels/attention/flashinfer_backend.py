@@ -58,7 +58,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._graph_decode: dict[int, object] = {}  # batch size -> use_cuda_graph wrapper
         self._decode = self._decode_eager
         self._has_prefill = False
-        self._plan_copied: torch.cuda.Event | None = None
+        self._plan_copied = torch.cuda.Event()  # recorded after each plan; unrecorded: no wait
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -69,11 +69,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         that buffer before the GPU, still busy with earlier steps, had copied it: the kernels
         then read another step's plan (illegal memory accesses serving 2k-8k prompts on H200,
         gone under CUDA_LAUNCH_BLOCKING). Wait until the previous plan's copies have run."""
-        if self._plan_copied is not None:
-            self._plan_copied.synchronize()
+        self._plan_copied.synchronize()
 
     def _plan_done(self) -> None:
-        self._plan_copied = torch.cuda.Event()
         self._plan_copied.record()
 
     def _page_info(self, m: AttentionMetadata):

@@ -39,7 +39,7 @@ from server.api.context import ServerConfig, ServerContext
 from server.cli import add_engine_args, engine_config_from_args
 from server.frontend.tokenizer_loader import load_tokenizer
 from server.metrics import ServerMetrics
-from server.worker.placement import Placement, parse_gpus, place_workers
+from server.worker.placement import parse_gpus, place_workers
 from server.worker.spawn import WorkerProcess, spawn_worker, stop_workers
 
 logger = logging.getLogger("server.api")
@@ -134,21 +134,16 @@ def engine_configs(
     config = engine_config_from_args(args)
     config.num_threads = args.worker_threads
     config.progress = False
+    placements = place_workers(
+        num_workers, config.device, config.gpu_memory_utilization, visible_gpus(config.device),
+        parse_gpus(args.gpus), os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )  # fmt: skip
     return [
         (dataclasses.asdict(dataclasses.replace(
             config, device=p.device, gpu_memory_utilization=p.gpu_memory_utilization
         )), {"CUDA_VISIBLE_DEVICES": p.visible_devices} if p.visible_devices else {})
-        for p in worker_placements(args, config.device, config.gpu_memory_utilization, num_workers)
+        for p in placements
     ]  # fmt: skip
-
-
-def worker_placements(
-    args: argparse.Namespace, device: str, utilization: float, num_workers: int
-) -> list[Placement]:
-    return place_workers(
-        num_workers, device, utilization, visible_gpus(device), parse_gpus(args.gpus),
-        os.environ.get("CUDA_VISIBLE_DEVICES"),
-    )  # fmt: skip
 
 
 def visible_gpus(device: str) -> int:
