@@ -12,10 +12,11 @@ to a JSON file after every point, so a run cut short keeps what it measured;
 Configurations (all on the same 2 GPUs, same engine flags):
   colocated      2 workers of role both; every prompt prefilled where it decodes
   disagg         1 prefill + 1 decode worker; every prompt prefilled remotely (mode always)
-  conditional    1 prefill + 1 decode worker; the router's conditional mode (long prompts
-                 remote unless the prefill worker is saturated, short ones local)
-  conditional-both  2 workers of role both in conditional mode: each worker can prefill for
-                 the other, so a long prompt's prefill can leave a busy decoder
+  conditional    1 prefill + 1 decode worker; the router's conditional mode (short prompts
+                 local; long ones remote unless the prefill worker's backlog of prompt tokens
+                 would make the first token later than a local prefill would)
+  conditional-both  2 workers of role both in conditional mode: each decodes and each can
+                 prefill for the other, so a long prompt's prefill can leave a busy worker
 
 A sweep goes up the rate grid and stops once a point is far past the relaxed SLO (its p90 TTFT
 or TPOT above `--stop-factor` x the relaxed SLO, or requests failed): higher rates only queue.
@@ -56,9 +57,9 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
 }  # fmt: skip
 # Offered rates (requests/s, whole cluster) for an 8B model on two H200s.
 DEFAULT_RATES = {
-    "long": [1.5, 3.0, 4.5, 6.0, 8.0],
-    "chat": [20.0, 40.0, 60.0, 80.0],
-    "mix": [3.0, 6.0, 9.0, 12.0, 16.0],
+    "long": [2.0, 4.0, 6.0, 8.0, 10.0],
+    "chat": [25.0, 50.0, 75.0, 100.0],
+    "mix": [4.0, 8.0, 12.0, 16.0],
 }
 SLOS = [
     {"name": "strict", "ttft_ms": 500.0, "tpot_ms": 30.0},
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length-scale", type=float, default=1.0,
                    help="scale every workload length (CPU smoke runs)")  # fmt: skip
     p.add_argument("--point-seconds", type=float, default=8.0, help="arrivals per point")
-    p.add_argument("--min-prompts", type=int, default=20)
+    p.add_argument("--min-prompts", type=int, default=30, help="per point: p90s of fewer are noise")
     p.add_argument("--max-prompts", type=int, default=300)
     p.add_argument("--tail-seconds", type=float, default=10.0,
                    help="expected drain after the last arrival (deadline check)")  # fmt: skip

@@ -16,6 +16,11 @@ Definitions (latencies in ms, rates in requests/s):
   the first failing point. ``censored``: every measured rate passed, so the goodput is at least the
   highest rate measured (the sweep did not find the limit).
 - Per GPU = goodput / raw["gpus"].
+- Ratios: disagg / colocated, and for each conditional variant (a config named conditional*, e.g.
+  conditional and conditional-both) variant / the best fixed mode, max(colocated, disagg): other
+  configs (single) are shown but are no fixed mode.
+- Several raw files of one study (configs run in separate calls, say) merge into one report: see
+  ``merge_raws``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DISAGG_TARGET = 1.3  # disagg per GPU >= 1.3x colocated ...
 DISAGG_TARGET_WORKLOAD = "long"  # ... on the long-prompt workload
 CONDITIONAL_TOLERANCE = 0.9  # conditional >= the better fixed mode, within 10%
+CONDITIONAL_PREFIX = "conditional"  # configs named so are conditional variants
+FIXED_MODES = ("colocated", "disagg")  # the best fixed mode is the better of these
+STUDY_KEYS = ("benchmark", "model", "machine", "gpus", "engine_flags", "slos")  # equal to merge
 SLO_STYLES = ("-", "--", "-.")  # strict solid, relaxed dashed; dotted is the y = x guide
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # one per config, with its colour
 
 Raw = Mapping[str, Any]
 Slo = Mapping[str, Any]
@@ -160,10 +169,14 @@ def goodput(stats_list: Sequence[PointStats], slo: Slo) -> Goodput:
 
 @dataclass
 class Ratio:
-    disagg_vs_colocated: float | None
-    conditional_vs_best: float | None  # conditional / max(colocated, disagg)
-    disagg_bound: str  # "" or, with censored goodput behind it, "lower bound" / "upper bound" / ...
-    conditional_bound: str
+    value: float | None  # None when either goodput is missing or the denominator is 0
+    bound: str  # "" or, with censored goodput behind it, "lower bound" / "upper bound" / ...
+
+
+@dataclass
+class Ratios:
+    disagg_vs_colocated: Ratio
+    vs_best_fixed: dict[str, Ratio]  # per conditional variant: it / max(colocated, disagg)
 
 
 def _bound(num: Goodput | None, den: Goodput | None) -> str:
@@ -181,7 +194,8 @@ class Summary:
     stats: dict[tuple[str, str], list[PointStats]]  # (workload, config)
     goodput: dict[tuple[str, str, str], Goodput]  # (workload, config, slo)
     per_gpu: dict[tuple[str, str, str], float]  # interpolated goodput / gpus
-    ratios: dict[tuple[str, str], Ratio]  # (workload, slo)
+    conditionals: list[str]  # the conditional variants among configs
+    ratios: dict[tuple[str, str], Ratios]  # (workload, slo)
 
 
 def _names(raw: Raw, key: str, point_key: str) -> list[str]:
@@ -199,6 +213,10 @@ def _div(num: Goodput | None, den: Goodput | None) -> float | None:
     return num.interpolated / den.interpolated
 
 
+def _ratio(num: Goodput | None, den: Goodput | None) -> Ratio:
+    return Ratio(_div(num, den), _bound(num, den))
+
+
 def summarize(raw: Raw) -> Summary:
     """Point stats, goodput per (workload, config, SLO) and the mode ratios per (workload, SLO)."""
     gpus = int(raw.get("gpus", 1))
@@ -213,21 +231,18 @@ def summarize(raw: Raw) -> Summary:
         for (w, c), pts in stats.items()
         for slo in raw["slos"]
     }
-    ratios: dict[tuple[str, str], Ratio] = {}
+    conditionals = [c for c in configs if c.startswith(CONDITIONAL_PREFIX)]
+    ratios: dict[tuple[str, str], Ratios] = {}
     for w in workloads:
         for slo in raw["slos"]:
-            col, dis, cond = (
-                gp.get((w, c, slo["name"])) for c in ("colocated", "disagg", "conditional")
-            )
+            col, dis = (gp.get((w, c, slo["name"])) for c in FIXED_MODES)
             best = max(col, dis, key=lambda g: g.interpolated) if col and dis else None
-            ratios[(w, slo["name"])] = Ratio(
-                _div(dis, col),
-                _div(cond, best),
-                _bound(dis, col),
-                _bound(cond, best),
+            ratios[(w, slo["name"])] = Ratios(
+                _ratio(dis, col),
+                {c: _ratio(gp.get((w, c, slo["name"])), best) for c in conditionals},
             )
     per_gpu = {k: g.interpolated / gpus for k, g in gp.items()}
-    return Summary(gpus, workloads, configs, stats, gp, per_gpu, ratios)
+    return Summary(gpus, workloads, configs, stats, gp, per_gpu, conditionals, ratios)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -273,19 +288,21 @@ def _x(r: float | None) -> str:
 
 def ratio_table(raw: Raw, summary: Summary) -> list[str]:
     rows = [
-        [w, slo["name"], _x(r.disagg_vs_colocated), _x(r.conditional_vs_best)]
+        [w, slo["name"], _x(r.disagg_vs_colocated.value)]
+        + [_x(r.vs_best_fixed[c].value) for c in summary.conditionals]
         for w in summary.workloads
         for slo in raw["slos"]
         for r in [summary.ratios[(w, slo["name"])]]
     ]
-    return _table(["workload", "SLO", "disagg / colocated", "conditional / best fixed"], rows)
+    header = ["workload", "SLO", "disagg / colocated"]
+    return _table(header + [f"{c} / best fixed" for c in summary.conditionals], rows)
 
 
-def _verdict(value: float | None, threshold: float, bound: str) -> str:
-    if value is None:
+def _verdict(r: Ratio, threshold: float) -> str:
+    if r.value is None:
         return "n/a (a config is missing or a denominator goodput is 0)"
-    note = f" ({bound}: a goodput behind it is censored)" if bound else ""
-    return f"{value:.2f}x -- **{'met' if value >= threshold else 'MISSED'}**{note}"
+    note = f" ({r.bound}: a goodput behind it is censored)" if r.bound else ""
+    return f"{r.value:.2f}x -- **{'met' if r.value >= threshold else 'MISSED'}**{note}"
 
 
 def target_lines(raw: Raw, summary: Summary) -> list[str]:
@@ -293,18 +310,19 @@ def target_lines(raw: Raw, summary: Summary) -> list[str]:
     for slo in raw["slos"]:
         r = summary.ratios.get((DISAGG_TARGET_WORKLOAD, slo["name"]))
         if r is not None:
-            v = _verdict(r.disagg_vs_colocated, DISAGG_TARGET, r.disagg_bound)
+            v = _verdict(r.disagg_vs_colocated, DISAGG_TARGET)
             lines.append(
                 f"- disagg per GPU >= {DISAGG_TARGET}x colocated on {DISAGG_TARGET_WORKLOAD} "
                 f"({slo['name']}): {v}"
             )
-    for w in summary.workloads:
-        for slo in raw["slos"]:
-            r = summary.ratios[(w, slo["name"])]
-            v = _verdict(r.conditional_vs_best, CONDITIONAL_TOLERANCE, r.conditional_bound)
-            lines.append(
-                f"- conditional >= the better fixed mode (within 10%) on {w} ({slo['name']}): {v}"
-            )
+    for c in summary.conditionals:
+        for w in summary.workloads:
+            for slo in raw["slos"]:
+                r = summary.ratios[(w, slo["name"])].vs_best_fixed[c]
+                v = _verdict(r, CONDITIONAL_TOLERANCE)
+                lines.append(
+                    f"- {c} >= the better fixed mode (within 10%) on {w} ({slo['name']}): {v}"
+                )
     return lines
 
 
@@ -331,8 +349,15 @@ def point_table(raw: Raw, summary: Summary) -> list[str]:
     return _table(header, rows)
 
 
+def _command_lines(commands: Sequence[str]) -> list[str]:
+    """One ``Command:`` line, or with several runs a list of their commands (blank lines around)."""
+    if len(commands) == 1:
+        return [f"Command: `{commands[0]}`"]
+    return ["Commands (one run per raw file, in order):", "", *(f"- `{c}`" for c in commands), ""]
+
+
 def markdown(
-    raw: Raw, summary: Summary, plot_files: Sequence[str], raw_name: str | None = None
+    raw: Raw, summary: Summary, plot_files: Sequence[str], raw_names: Sequence[str] = ()
 ) -> str:
     """The self-contained results file; only the Analysis section is left to fill in by hand."""
     out = [
@@ -340,10 +365,10 @@ def markdown(
         "",
         f"Machine: {raw.get('machine', '?')}",
         f"Commit: {raw.get('commit', '?')}",
-        f"Command: `{raw.get('command', '?')}`",
+        *_command_lines(raw.get("commands", [raw.get("command", "?")])),
         f"Model: {raw.get('model', '?')}, {summary.gpus} GPUs per cluster",
     ]
-    out += [f"Raw data: `{raw_name}`"] if raw_name else []
+    out += [f"Raw data: {', '.join(f'`{n}`' for n in raw_names)}"] if raw_names else []
     out += ["", "## Configurations", ""]
     out += [
         f"- {c['name']} ({c.get('label', '')}): `{' '.join(c.get('flags', []))}`"
@@ -399,6 +424,10 @@ def _pyplot() -> Any:
     return plt
 
 
+def _marker(config_index: int) -> str:
+    return MARKERS[config_index % len(MARKERS)]
+
+
 def _label(raw: Raw, config: str) -> str:
     label = next((c.get("label") for c in raw.get("configs", []) if c["name"] == config), None)
     return f"{config} ({label})" if label else config
@@ -423,19 +452,23 @@ def plot_goodput_vs_rate(
             top = max(top, xs[-1])
             for si, slo in enumerate(raw["slos"]):
                 ys = [s.good_rps[slo["name"]] for s in pts]
-                ax.plot(xs, ys, SLO_STYLES[si % 3], color=f"C{ci}", marker="o", ms=3)
+                ax.plot(xs, ys, SLO_STYLES[si % 3], color=f"C{ci}", marker=_marker(ci), ms=4)
         ax.plot([0, top], [0, top], ":", color="grey", lw=1)
         ax.set(title=w, xlabel="offered rate (req/s)", ylabel="good requests/s")
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=f"C{i}", label=_label(raw, c)) for i, c in enumerate(configs)]
+    handles = [
+        Line2D([], [], color=f"C{i}", marker=_marker(i), label=_label(raw, c))
+        for i, c in enumerate(configs)
+    ]
     handles += [
         Line2D([], [], color="k", ls=SLO_STYLES[i % 3], label=f"{s['name']} SLO")
         for i, s in enumerate(raw["slos"])
     ]
     handles.append(Line2D([], [], color="grey", ls=":", label="all requests good (y = x)"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.tight_layout()
+    ncol = min(len(handles), 2 * len(workloads))
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=ncol)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the bounding box takes in the legend
     plt.close(fig)
 
 
@@ -472,7 +505,9 @@ def plot_latency_cdfs(raw: Raw, path: Path | str) -> None:
                 xs = sorted(_ok_values(point, key)) if point else []
                 if xs:
                     ys = [(i + 1) / len(xs) for i in range(len(xs))]
-                    ax.step(xs, ys, where="post", color=f"C{ci}", label=_label(raw, c))
+                    style = {"color": f"C{ci}", "marker": _marker(ci), "ms": 4}
+                    marks = {"markevery": max(1, len(xs) // 6), "label": _label(raw, c)}
+                    ax.step(xs, ys, where="post", **style, **marks)
             for si, slo in enumerate(raw["slos"]):
                 ax.axvline(
                     slo[key], color="grey", ls=SLO_STYLES[si % 3], lw=1, label=f"{slo['name']} SLO"
@@ -491,24 +526,104 @@ def plot_latency_cdfs(raw: Raw, path: Path | str) -> None:
     plt.close(fig)
 
 
+def _merge_named(
+    into: list[dict[str, Any]], items: Iterable[Mapping[str, Any]], same: str, source: str
+) -> None:
+    """Add configs or workloads to ``into`` by name. One already there must agree on ``same``
+    (a config's flags, a workload's length scale); a workload's rates are united."""
+    known = {x["name"]: x for x in into}
+    for item in items:
+        old = known.get(item["name"])
+        if old is None:
+            known[item["name"]] = dict(item)
+            into.append(known[item["name"]])
+        elif old.get(same) != item.get(same):
+            raise ValueError(
+                f"{source}: {item['name']} has {same} {item.get(same)!r}, an earlier file "
+                f"{old.get(same)!r}"
+            )
+        elif "rates" in item:
+            old["rates"] = sorted({*old.get("rates", []), *item["rates"]})
+
+
+def merge_raws(raws: Sequence[Raw], sources: Sequence[str]) -> dict[str, Any]:
+    """One study from the raw files of its runs (``sources`` names them in messages).
+
+    Metadata (date, machine, ...) is the first file's, ``commands`` lists every file's command and
+    ``commit`` every distinct commit. Configs, workloads and points are united; a (config,
+    workload, rate) point in two files keeps the later one, with a warning on stderr. ValueError
+    when the files are not one study: a value of STUDY_KEYS, a config's flags or a workload's
+    length scale differs.
+    """
+    first = raws[0]
+    merged = dict(first) | {"configs": [], "workloads": []}
+    merged["commands"] = [str(r.get("command", "?")) for r in raws]
+    merged["commit"] = ", ".join(dict.fromkeys(str(r.get("commit", "?")) for r in raws))
+    points: dict[tuple[str, str, float], Mapping[str, Any]] = {}
+    for raw, source in zip(raws, sources, strict=True):
+        for key in STUDY_KEYS:
+            if raw.get(key) != first.get(key):
+                raise ValueError(
+                    f"{source} and {sources[0]} are not one study: {key} {raw.get(key)!r} "
+                    f"vs {first.get(key)!r}"
+                )
+        _merge_named(merged["configs"], raw.get("configs", []), "flags", source)
+        _merge_named(merged["workloads"], raw.get("workloads", []), "length_scale", source)
+        for p in raw.get("points", []):
+            key = (p["config"], p["workload"], round(float(p["rate"]), 6))
+            if key in points:
+                print(
+                    f"warning: {source}: {key[0]} {key[1]} at {key[2]:g} req/s measured again, "
+                    "keeping this one",
+                    file=sys.stderr,
+                )
+            points[key] = p
+    merged["points"] = list(points.values())
+    return merged
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Goodput report (markdown + plots) from a raw JSON.")
-    ap.add_argument("raw", type=Path, help="raw JSON written by bench_goodput.py")
-    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap = argparse.ArgumentParser(description="Goodput report (markdown + plots) from raw JSON.")
+    ap.add_argument(
+        "raw",
+        type=Path,
+        nargs="+",
+        help="raw JSON written by bench_goodput.py; several (runs of one study) are merged",
+    )
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out-dir",
+        type=Path,
+        default=RESULTS,
+        help="one raw file: write OUT_DIR/STEM.md, STEM-goodput.png and STEM-cdf.png, STEM the "
+        "raw file's name less .json",
+    )
+    where.add_argument(
+        "--out",
+        type=Path,
+        help="output prefix: write PREFIX.md, PREFIX-goodput.png and PREFIX-cdf.png (needed "
+        "with several raw files)",
+    )
     args = ap.parse_args(argv)
-    raw = json.loads(args.raw.read_text())
+    if args.out is None and len(args.raw) > 1:
+        ap.error("several raw files need --out PREFIX")
+    prefix: Path = args.out or args.out_dir / args.raw[0].stem
+    try:
+        raw = merge_raws([json.loads(p.read_text()) for p in args.raw], list(map(str, args.raw)))
+    except ValueError as e:
+        raise SystemExit(f"goodput_report: cannot merge: {e}") from None
     summary = summarize(raw)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.raw.stem
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    stem = prefix.name
     plots: list[str] = []
     try:
-        plot_goodput_vs_rate(raw, summary.stats, args.out_dir / f"{stem}-goodput.png")
-        plot_latency_cdfs(raw, args.out_dir / f"{stem}-cdf.png")
+        plot_goodput_vs_rate(raw, summary.stats, prefix.parent / f"{stem}-goodput.png")
+        plot_latency_cdfs(raw, prefix.parent / f"{stem}-cdf.png")
         plots = [f"{stem}-goodput.png", f"{stem}-cdf.png"]
     except ImportError as e:
         print(f"no plots: {e}", file=sys.stderr)
-    md_path = args.out_dir / f"{stem}.md"
-    md_path.write_text(markdown(raw, summary, plots, raw_name=args.raw.name))
+    md_path = prefix.parent / f"{stem}.md"
+    md_path.write_text(markdown(raw, summary, plots, raw_names=[p.name for p in args.raw]))
     print("\n".join([*goodput_table(raw, summary), "", *ratio_table(raw, summary)]))
     print(f"\nwrote {md_path}")
     return 0

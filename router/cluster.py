@@ -220,10 +220,12 @@ class Cluster:
             self._routes[rid] = route
             self.registry.workers[d.decode_worker].inflight += 1
             if d.prefill_worker is None:
-                self._prefill_locally(route)
+                self._prefill_locally(route, d.inputs["tokens_left"])
             else:
                 route.stage, route.path, route.sent_at = Stage.RESERVING, "remote", self.clock()
                 self._set_prefill(route, d.prefill_worker)
+                hit_tokens = d.inputs["prefill_hit_blocks"] * d.inputs["block_size"]
+                self._charge(route, d.prefill_worker, len(prompt_token_ids) - hit_tokens)
                 self._send(
                     route.decode,
                     m.ReserveRemote(
@@ -253,9 +255,11 @@ class Cluster:
                      rid, d.decision, d.decode_worker, d.prefill_worker, d.inputs)  # fmt: skip
         return d
 
-    def _prefill_locally(self, route: Route) -> None:
+    def _prefill_locally(self, route: Route, tokens: int | None = None) -> None:
+        """`tokens`: what the decode worker computes (default: the whole prompt)."""
         route.stage = Stage.DECODING
         self._set_prefill(route, None)
+        self._charge(route, route.decode, len(route.prompt_token_ids) if tokens is None else tokens)
         self._dispatched(route, "local")
         self._send(
             route.decode,
@@ -278,6 +282,17 @@ class Cluster:
         if worker_id is not None:
             self.registry.workers[worker_id].prefill_inflight += 1
 
+    def _charge(self, route: Route, worker_id: str | None, tokens: int = 0) -> None:
+        """Move the prompt's tokens to `worker_id`'s prefill backlog (None: its prefill is
+        over, or it is gone)."""
+        if route.charged is not None:
+            info = self.registry.workers.get(route.charged)
+            if info is not None:
+                info.prefill_backlog = max(info.prefill_backlog - route.charged_tokens, 0)
+        route.charged, route.charged_tokens = worker_id, max(tokens, 0) if worker_id else 0
+        if worker_id is not None:
+            self.registry.workers[worker_id].prefill_backlog += route.charged_tokens
+
     def _cancel_remote(self, route: Route, reason: str, writer_gone: bool) -> None:
         """The remote prefill will not deliver: the decode worker computes the prompt."""
         self.metrics.fallbacks.labels(reason).inc()
@@ -286,6 +301,7 @@ class Cluster:
         )
         route.stage = Stage.DECODING
         self._set_prefill(route, None)
+        self._charge(route, route.decode, len(route.prompt_token_ids))
         self._dispatched(route, "local")
         self._send(
             route.decode, m.CancelRemoteKV(request_ids=[route.request_id], writer_gone=writer_gone)
@@ -322,6 +338,8 @@ class Cluster:
             self._cancel_remote(route, why, writer_gone=not route.retried)
             return
         self._set_prefill(route, p)
+        if route.charged != p:
+            self._charge(route, p, len(route.prompt_token_ids))
         route.stage = Stage.PREFILLING
         self._dispatched(route, "remote")
         self._send(
@@ -384,6 +402,7 @@ class Cluster:
         route = self._routes.pop(rid, None)
         if route is not None:
             self._set_prefill(route, None)
+            self._charge(route, None)
         if self._streams.pop(rid, None) is not None:
             info = self.registry.workers.get(stream.worker_id)
             if info is not None and info.inflight > 0:
@@ -480,6 +499,8 @@ class Cluster:
             route = self._routes.get(out.request_id)
             if route is not None:
                 route.stage = Stage.DECODING  # the KV (if remote) is in place
+                if route.charged is not None:
+                    self._charge(route, None)  # the first token is out
                 if out.finish_reason is not None and route.path == "local" and out.timings:
                     self.metrics.decode_queue.labels("local").observe(
                         max(0.0, out.timings.queue_time)
@@ -528,6 +549,7 @@ class Cluster:
         if route is not None and route.prefill == worker_id:
             if o.ok:
                 self._set_prefill(route, None)  # D has (or is about to have) the KV
+                self._charge(route, None)
             elif route.stage is Stage.PREFILLING:
                 self._cancel_remote(route, "prefill_failed", writer_gone=not route.retried)
         elif (
@@ -675,6 +697,7 @@ class Cluster:
             if route.prefill != dead:
                 continue
             self._set_prefill(route, None)  # RESERVING: another is picked when D answers
+            self._charge(route, None)
             if route.stage is Stage.PREFILLING:
                 route.awaiting_retry = True
                 retry[route.decode].append(route.request_id)

@@ -25,11 +25,15 @@ class WorkerSnapshot:
     kv_usage: float  # 0..1
     prefix_hit_blocks: int  # leading blocks of this prompt the worker already holds
     max_num_seqs: int = 64
+    # prompt tokens the router has sent it to prefill (locally or for another worker) that
+    # have not produced their first token yet: its prefill backlog
+    prefill_backlog_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class DisaggConfig:
-    # decode worker cost = prefill_block_weight * blocks it would still have to fill
+    # decode worker cost = prefill_block_weight * (blocks it would still have to fill
+    #                                            + blocks of its prefill backlog)
     #                    + running_weight * running + waiting_weight * waiting
     #                    + kv_usage_weight * kv_usage
     prefill_block_weight: float = 1.0
@@ -44,6 +48,11 @@ class DisaggConfig:
     local_prefill_max_tokens: int = 512
     # a prefill worker with this many queued requests has no room
     prefill_queue_saturation: int = 4
+    # a long prompt goes remote only while the prefill worker's backlog plus the prompt is at
+    # most this many tokens more than the decode worker's own backlog plus the prompt: the
+    # price (in prefill tokens) the decode worker pays to keep long prefills out of its
+    # decode steps. Past it the decode worker would get the first token out sooner itself.
+    remote_prefill_slack_tokens: int = 1024
     # a decode worker with at least this fraction of max_num_seqs running is busy: even a short
     # prefill goes remote so its decodes are not stalled
     decode_busy_fraction: float = 0.75
@@ -68,14 +77,16 @@ class Decision(NamedTuple):
     decode_worker: str
     prefill_worker: str | None  # None: prefill locally on the decode worker
     decision: str  # metric label: "local_short", "local_saturated", "local_no_prefill",
-    #                "local_mode", "remote_long", "remote_decode_busy", "remote_mode"
+    #                "local_mode", "local_sooner", "remote_long", "remote_decode_busy",
+    #                "remote_mode"
     inputs: dict  # what the decision saw, for the debug log
 
 
-def decode_cost(w: WorkerSnapshot, prompt_blocks: int, cfg: DisaggConfig) -> float:
+def decode_cost(w: WorkerSnapshot, prompt_blocks: int, block_size: int, cfg: DisaggConfig) -> float:
     missing = max(prompt_blocks - w.prefix_hit_blocks, 0)
+    backlog_blocks = w.prefill_backlog_tokens / max(block_size, 1)
     return (
-        cfg.prefill_block_weight * missing
+        cfg.prefill_block_weight * (missing + backlog_blocks)
         + cfg.running_weight * w.num_running
         + cfg.waiting_weight * w.num_waiting
         + cfg.kv_usage_weight * w.kv_usage
@@ -104,17 +115,19 @@ def decide(
     if not decode_workers:
         raise ValueError("no decode-capable worker is available")
     prompt_blocks = prompt_tokens // block_size
-    d = _argmin(decode_workers, lambda w: decode_cost(w, prompt_blocks, cfg), rng)
+    d = _argmin(decode_workers, lambda w: decode_cost(w, prompt_blocks, block_size, cfg), rng)
     left = prompt_tokens - d.prefix_hit_blocks * block_size
     busy = d.num_running >= cfg.decode_busy_fraction * d.max_num_seqs or d.num_waiting > 0
     inputs = {
         "prompt_tokens": prompt_tokens,
+        "block_size": block_size,
         "decode": d.worker_id,
         "decode_hit_blocks": d.prefix_hit_blocks,
         "tokens_left": left,
         "decode_running": d.num_running,
         "decode_waiting": d.num_waiting,
         "decode_busy": busy,
+        "decode_backlog_tokens": d.prefill_backlog_tokens,
     }
     candidates = [p for p in prefill_workers if p.worker_id != d.worker_id]
     if not candidates:
@@ -126,12 +139,17 @@ def decide(
         prefill=p.worker_id,
         prefill_queue=p.num_waiting + p.num_running,
         prefill_hit_blocks=p.prefix_hit_blocks,
+        prefill_backlog_tokens=p.prefill_backlog_tokens,
     )
     if cfg.mode == "always":
         return Decision(d.worker_id, p.worker_id, "remote_mode", inputs)
     if p.num_waiting + p.num_running >= cfg.prefill_queue_saturation:
         return Decision(d.worker_id, None, "local_saturated", inputs)
     if left > cfg.local_prefill_max_tokens:
+        remote_wait = p.prefill_backlog_tokens + prompt_tokens - p.prefix_hit_blocks * block_size
+        local_wait = d.prefill_backlog_tokens + left
+        if remote_wait > local_wait + cfg.remote_prefill_slack_tokens:
+            return Decision(d.worker_id, None, "local_sooner", inputs)
         return Decision(d.worker_id, p.worker_id, "remote_long", inputs)
     if busy and left > 1:
         return Decision(d.worker_id, p.worker_id, "remote_decode_busy", inputs)

@@ -44,6 +44,7 @@ class WorkerInfo:
     stats: EngineStats | None = None
     inflight: int = 0  # engine requests routed to it and not yet finished or aborted
     prefill_inflight: int = 0  # remote prefills sent to it and not yet reported done
+    prefill_backlog: int = 0  # prompt tokens routed to it to prefill, first token not out yet
     dead_reason: str = ""
     draining: bool = False  # READY, but takes no new work (it leaves once what it holds ends)
 

@@ -11,6 +11,8 @@ Life of one engine request (`Route`), as `router/cluster.py` drives it:
 
 `prefill` names the prefill worker counted in its `prefill_inflight` (planned while
 RESERVING, asked while PREFILLING); `Cluster._set_prefill` keeps that count exact.
+`charged` names the worker whose `prefill_backlog` holds this prompt's `charged_tokens`
+(whoever computes the prompt, until its first token is out); `Cluster._charge` moves it.
 Pure data and pure functions: no sockets here.
 """
 
@@ -47,6 +49,8 @@ class Route:
     dispatched: bool = False  # router queue time observed
     retried: bool = False  # a second prefill worker was asked: the first may still write
     awaiting_retry: bool = False  # RetryPrefill sent to D, answer pending
+    charged: str | None = None  # the worker whose prefill backlog counts this prompt
+    charged_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,4 +101,5 @@ def snapshot(info: WorkerInfo, index: PrefixIndex, prompt: PromptHashes) -> Work
         kv_usage=stats.kv_cache_usage if stats else 0.0,
         prefix_hit_blocks=hits,
         max_num_seqs=(hello.max_num_seqs if hello is not None else 0) or 64,
+        prefill_backlog_tokens=info.prefill_backlog,
     )

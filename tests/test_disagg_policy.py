@@ -13,8 +13,8 @@ BS = 16
 CFG = DisaggConfig()
 
 
-def W(wid, role="decode", running=0, waiting=0, kv=0.0, hit=0, max_seqs=64):  # noqa: N802
-    return WorkerSnapshot(wid, role, running, waiting, kv, hit, max_seqs)
+def W(wid, role="decode", running=0, waiting=0, kv=0.0, hit=0, max_seqs=64, backlog=0):  # noqa: N802
+    return WorkerSnapshot(wid, role, running, waiting, kv, hit, max_seqs, backlog)
 
 
 def run(prompt_tokens, decode, prefill, cfg=CFG, seed=0):
@@ -56,6 +56,26 @@ def test_short_prompt_prefills_locally():
 def test_long_prompt_prefills_remotely():
     d = run(4000, [W("d0")], [W("p0", "prefill")])
     assert (d.prefill_worker, d.decision) == ("p0", "remote_long")
+
+
+def test_decode_worker_prefers_the_smaller_prefill_backlog():
+    # 3200 queued tokens = 200 blocks of prefill ahead, outweighing 10 running requests
+    d = run(32, [W("d0", backlog=3200), W("d1", running=10)], [])
+    assert d.decode_worker == "d1"
+
+
+def test_long_prompt_prefills_where_its_first_token_comes_sooner():
+    slack = CFG.remote_prefill_slack_tokens
+    # the prefill worker's backlog within the slack of the decode worker's: remote
+    d = run(4000, [W("d0", backlog=1000)], [W("p0", "prefill", backlog=1000 + slack)])
+    assert (d.prefill_worker, d.decision) == ("p0", "remote_long")
+    # one token more: the decode worker would be done sooner itself
+    d = run(4000, [W("d0", backlog=1000)], [W("p0", "prefill", backlog=1001 + slack)])
+    assert (d.prefill_worker, d.decision) == (None, "local_sooner")
+    assert d.inputs["prefill_backlog_tokens"] == 1001 + slack
+    # a prefix hit on the prefill worker counts as work it need not do
+    d = run(4000, [W("d0", backlog=1000)], [W("p0", "prefill", backlog=1001 + slack, hit=1)])
+    assert d.decision == "remote_long"
 
 
 def test_prefix_hit_on_decode_worker_makes_a_long_prompt_short():

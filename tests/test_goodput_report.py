@@ -185,20 +185,25 @@ def test_summarize_goodput_and_ratios():
     assert summary.goodput[("long", "colocated", "strict")].interpolated == pytest.approx(2.2)
     assert summary.per_gpu[("long", "colocated", "strict")] == pytest.approx(1.1)
     assert summary.per_gpu[("long", "disagg", "relaxed")] == pytest.approx(1.5)
+    assert summary.conditionals == ["conditional"]
     long_strict = summary.ratios[("long", "strict")]
-    assert long_strict.disagg_vs_colocated == pytest.approx(3 / 2.2)
-    assert long_strict.conditional_vs_best == pytest.approx(2 / 3)
-    assert long_strict.disagg_bound == "lower bound"  # disagg censored at 3, colocated not
-    assert long_strict.conditional_bound == "both censored: undetermined"
-    assert summary.ratios[("chat", "relaxed")].disagg_bound == "both censored: undetermined"
-    assert summary.ratios[("long", "relaxed")].disagg_bound == "both censored: undetermined"
-    assert summary.ratios[("long", "relaxed")].disagg_vs_colocated == pytest.approx(1.0)
+    assert long_strict.disagg_vs_colocated.value == pytest.approx(3 / 2.2)
+    assert long_strict.vs_best_fixed["conditional"].value == pytest.approx(2 / 3)
+    assert long_strict.disagg_vs_colocated.bound == "lower bound"  # disagg censored, colocated not
+    assert long_strict.vs_best_fixed["conditional"].bound == "both censored: undetermined"
+    chat_relaxed, long_relaxed = (
+        summary.ratios[("chat", "relaxed")],
+        summary.ratios[("long", "relaxed")],
+    )
+    assert chat_relaxed.disagg_vs_colocated.bound == "both censored: undetermined"
+    assert long_relaxed.disagg_vs_colocated.bound == "both censored: undetermined"
+    assert long_relaxed.disagg_vs_colocated.value == pytest.approx(1.0)
     chat = summary.ratios[("chat", "strict")]
-    assert chat.disagg_vs_colocated is None  # colocated goodput is 0
-    assert chat.conditional_vs_best == pytest.approx(1.0)
-    assert summary.ratios[("chat", "relaxed")].disagg_vs_colocated == pytest.approx(2.0)
+    assert chat.disagg_vs_colocated.value is None  # colocated goodput is 0
+    assert chat.vs_best_fixed["conditional"].value == pytest.approx(1.0)
+    assert chat_relaxed.disagg_vs_colocated.value == pytest.approx(2.0)
     mix = summary.ratios[("mix", "strict")]
-    assert (mix.disagg_vs_colocated, mix.conditional_vs_best) == (None, None)
+    assert (mix.disagg_vs_colocated.value, mix.vs_best_fixed["conditional"].value) == (None, None)
     assert ("mix", "disagg", "strict") not in summary.goodput
 
 
@@ -210,10 +215,11 @@ def _line(md, prefix):
 
 def test_markdown_tables_and_verdicts():
     raw = study_raw()
-    md = gr.markdown(raw, gr.summarize(raw), ["x-goodput.png", "x-cdf.png"], raw_name="x.json")
+    md = gr.markdown(raw, gr.summarize(raw), ["x-goodput.png", "x-cdf.png"], raw_names=["x.json"])
     for text in (
         "Machine: NVIDIA H200 x2",
         "Commit: abc1234",
+        "Command: `python benchmarks/bench_goodput.py --rates 1,2,3`",
         "`--disagg-mode always`",
         "ShareGPT-like lengths",
         "TTFT p90 <= 500 ms and TPOT p90 <= 30 ms",
@@ -227,6 +233,8 @@ def test_markdown_tables_and_verdicts():
     assert cells == ["long", "colocated", "2.20", "1.10", "2", ">=3.00", ">=1.50", "3"]
     assert _line(md, "| chat     | colocated").split("|")[5].strip() == "none"
     assert "not run" in _line(md, "| mix      | disagg")
+    header = [c.strip() for c in _line(md, "| workload | SLO").strip("|").split("|")]
+    assert header == ["workload", "SLO", "disagg / colocated", "conditional / best fixed"]
     ratio = [c.strip() for c in _line(md, "| long     | strict").strip("|").split("|")]
     assert ratio == ["long", "strict", "1.36x", "0.67x"]
     hit = _line(md, "- disagg per GPU >= 1.3x colocated on long (strict)")
@@ -265,3 +273,193 @@ def test_cli_writes_report_and_plots(tmp_path, capsys):
         assert f"]({name})" in md
     printed = capsys.readouterr().out
     assert "| long     | colocated   | 2.20" in printed and "disagg / colocated" in printed
+
+
+BOTH = {"name": "conditional-both", "label": "2 x both cond", "flags": ["--num-workers", "2"]}
+SINGLE = {"name": "single", "label": "1 x both", "flags": ["--num-workers", "1"]}
+
+
+def variants_raw():
+    raw = make_raw(
+        sweep("colocated", "long", [200, 400, 900])  # strict 2.2, relaxed >= 3
+        + sweep("disagg", "long", [100, 200, 300])  # >= 3: the best fixed mode
+        + sweep("conditional", "long", [100, 250])  # >= 2
+        + sweep("conditional-both", "long", [100, 200, 300, 1000])  # strict 3 + 0.4 / 1.4
+        + sweep("single", "long", [100] * 5)  # >= 5, more than any fixed mode, but not one
+        + sweep("colocated", "chat", [100])
+        + sweep("disagg", "chat", [100])
+        + sweep("conditional-both", "chat", [600])  # strict 0, relaxed >= 1
+    )
+    raw["configs"] += [BOTH, SINGLE]
+    return raw
+
+
+def test_conditional_variants_against_best_fixed_mode():
+    summary = gr.summarize(variants_raw())
+    assert summary.configs == ["colocated", "disagg", "conditional", "conditional-both", "single"]
+    assert summary.conditionals == ["conditional", "conditional-both"]
+    strict = summary.ratios[("long", "strict")].vs_best_fixed
+    both_strict = 3 + 0.4 / 1.4
+    assert strict["conditional-both"].value == pytest.approx(both_strict / 3)  # not / 5 (single)
+    assert strict["conditional-both"].bound == "upper bound"  # disagg censored at 3
+    assert strict["conditional"].value == pytest.approx(2 / 3)
+    relaxed = summary.ratios[("long", "relaxed")].vs_best_fixed
+    assert relaxed["conditional-both"].value == pytest.approx(4 / 3)
+    chat = summary.ratios[("chat", "strict")].vs_best_fixed
+    assert chat["conditional-both"].value == 0.0 and chat["conditional"].value is None
+    assert summary.ratios[("chat", "relaxed")].vs_best_fixed["conditional-both"].value == 1.0
+    assert summary.per_gpu[("long", "single", "strict")] == pytest.approx(2.5)
+
+
+def test_markdown_has_a_column_and_verdicts_per_conditional_variant():
+    raw = variants_raw()
+    md = gr.markdown(raw, gr.summarize(raw), [])
+    header = [c.strip() for c in _line(md, "| workload | SLO").strip("|").split("|")]
+    assert header[2:] == [
+        "disagg / colocated",
+        "conditional / best fixed",
+        "conditional-both / best fixed",
+    ]
+    ratio = [c.strip() for c in _line(md, "| long     | strict").strip("|").split("|")]
+    assert ratio == ["long", "strict", "1.36x", "0.67x", "1.10x"]
+    ratio = [c.strip() for c in _line(md, "| chat     | strict").strip("|").split("|")]
+    assert ratio == ["chat", "strict", "1.00x", "n/a", "0.00x"]
+    both = _line(md, "- conditional-both >= the better fixed mode (within 10%) on long (strict)")
+    assert "1.10x -- **met**" in both and "(upper bound:" in both
+    cond = _line(md, "- conditional >= the better fixed mode (within 10%) on long (strict)")
+    assert "0.67x -- **MISSED**" in cond
+    both = _line(md, "- conditional-both >= the better fixed mode (within 10%) on chat (strict)")
+    assert "0.00x -- **MISSED**" in both
+    verdicts = [ln for ln in md.splitlines() if " >= the better fixed mode " in ln]
+    assert len(verdicts) == 2 * 3 * 2  # variants x workloads x SLOs
+    single = [c.strip() for c in _line(md, "| long     | single").strip("|").split("|")]
+    assert single[2:5] == [">=5.00", ">=2.50", "5"]
+    assert "- single (1 x both): `--num-workers 1`" in md
+
+
+def split_study():
+    """Two runs of one study: colocated + disagg, then the conditional variants and disagg @ 3."""
+    a = make_raw(
+        sweep("colocated", "long", [200, 400, 900]) + sweep("disagg", "long", [100, 200, 300])
+    )
+    a["configs"] = a["configs"][:2]
+    a["workloads"] = [{"name": "long", "description": "long prompts", "rates": [1.0, 2.0, 3.0]}]
+    a["command"] = "python benchmarks/bench_goodput.py --configs colocated,disagg"
+    b = make_raw(
+        sweep("conditional", "long", [100, 250])
+        + sweep("conditional-both", "long", [100, 200, 300, 1000])
+        + sweep("single", "chat", [100])
+        + [point("disagg", "long", 3.0, 900.0)]  # re-measured: r = 1.8 now
+    )
+    b["configs"] = [*b["configs"][1:], BOTH, SINGLE]
+    b["workloads"] = [
+        {"name": "long", "description": "long prompts", "rates": [2.0, 3.0, 4.0]},
+        {"name": "chat", "description": "chat", "rates": [1.0]},
+    ]
+    b |= {"date": "2026-11-22T0600Z", "commit": "def5678"}
+    b["command"] = "python benchmarks/bench_goodput.py --configs conditional,conditional-both"
+    return a, b
+
+
+def test_merge_unites_configs_workloads_and_points(capsys):
+    a, b = split_study()
+    merged = gr.merge_raws([a, b], ["a.json", "b.json"])
+    names = [c["name"] for c in merged["configs"]]
+    assert names == ["colocated", "disagg", "conditional", "conditional-both", "single"]
+    assert [(w["name"], w["rates"]) for w in merged["workloads"]] == [
+        ("long", [1.0, 2.0, 3.0, 4.0]),
+        ("chat", [1.0]),
+    ]
+    assert (merged["date"], merged["commit"]) == ("2026-11-22T0412Z", "abc1234, def5678")
+    assert merged["commands"] == [a["command"], b["command"]]
+    assert len(merged["points"]) == 3 + 3 + 2 + 4 + 1  # the disagg point @ 3 once
+    err = capsys.readouterr().err
+    assert "warning: b.json: disagg long at 3 req/s measured again" in err
+    assert err.count("warning") == 1
+    summary = gr.summarize(merged)
+    disagg = summary.goodput[("long", "disagg", "strict")]  # >= 3 with a.json's point
+    assert disagg.interpolated == pytest.approx(2 + 0.6 / 1.4) and not disagg.censored
+    # disagg 2.43 beats colocated 2.2: the best fixed mode, no longer censored
+    both = summary.ratios[("long", "strict")].vs_best_fixed["conditional-both"]
+    assert both.value == pytest.approx((3 + 0.4 / 1.4) / (2 + 0.6 / 1.4)) and both.bound == ""
+    assert len(a["configs"]) == 2 and a["workloads"][0]["rates"] == [1.0, 2.0, 3.0]  # unchanged
+
+
+def test_merge_of_one_file_keeps_it():
+    raw = study_raw()
+    merged = gr.merge_raws([raw], ["x.json"])
+    assert merged["commands"] == [raw["command"]] and merged["commit"] == "abc1234"
+    assert merged["configs"] == raw["configs"] and merged["workloads"] == raw["workloads"]
+    assert merged["points"] == raw["points"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("model", "random:smollm2-135m"),
+        ("machine", "NVIDIA H200 x1, torch 2.11.0+cu130"),
+        ("gpus", 1),
+        ("slos", [STRICT]),
+    ],
+)
+def test_merge_refuses_another_study(key, value):
+    a, b = split_study()
+    b[key] = value
+    with pytest.raises(ValueError, match=f"b.json and a.json are not one study: {key} "):
+        gr.merge_raws([a, b], ["a.json", "b.json"])
+
+
+def test_merge_refuses_changed_config_or_workload():
+    a, b = split_study()
+    b["configs"][0] = b["configs"][0] | {"flags": ["--disagg-mode", "conditional"]}  # disagg
+    with pytest.raises(ValueError, match="b.json: disagg has flags"):
+        gr.merge_raws([a, b], ["a.json", "b.json"])
+    a, b = split_study()
+    b["workloads"][0]["length_scale"] = 0.5
+    with pytest.raises(ValueError, match="b.json: long has length_scale 0.5"):
+        gr.merge_raws([a, b], ["a.json", "b.json"])
+
+
+def test_cli_merges_files_into_prefix(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    a, b = split_study()
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    prefix = tmp_path / "out" / "goodput-all"
+    assert gr.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(prefix)]) == 0
+    md = (tmp_path / "out" / "goodput-all.md").read_text()
+    for name in ("goodput-all-goodput.png", "goodput-all-cdf.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in md
+    lines = md.splitlines()
+    i = lines.index("Commands (one run per raw file, in order):")
+    assert lines[i + 1 : i + 5] == ["", f"- `{a['command']}`", f"- `{b['command']}`", ""]
+    assert not any(ln.startswith("Command: ") for ln in lines)
+    assert "Raw data: `a.json`, `b.json`" in md and "Commit: abc1234, def5678" in md
+    assert "conditional-both / best fixed" in md
+    assert "measured again" in capsys.readouterr().err
+
+
+def test_cli_merge_errors(tmp_path, capsys):
+    a, b = split_study()
+    b["model"] = "random:smollm2-135m"
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, raw in zip(paths, (a, b), strict=True):
+        path.write_text(json.dumps(raw))
+    with pytest.raises(SystemExit) as e:
+        gr.main([*map(str, paths), "--out", str(tmp_path / "m")])
+    assert "cannot merge" in str(e.value.code) and "not one study: model" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        gr.main(list(map(str, paths)))  # no --out
+    assert e.value.code == 2 and "several raw files need --out PREFIX" in capsys.readouterr().err
+    assert not list(tmp_path.glob("m*"))
+
+
+def test_cli_one_file_with_out_prefix(tmp_path):
+    pytest.importorskip("matplotlib")
+    raw_path = tmp_path / "raw.json"
+    raw_path.write_text(json.dumps(variants_raw()))
+    assert gr.main([str(raw_path), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "Raw data: `raw.json`" in md and "](report-goodput.png)" in md
+    assert (tmp_path / "report-cdf.png").exists()

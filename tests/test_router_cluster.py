@@ -151,7 +151,9 @@ def test_long_prompts_are_prefilled_remotely_short_ones_locally(tmp_path):
             rp = await p.expect(m.RemotePrefill)
             assert (rp.decode_worker, rp.first_block, rp.block_ids) == ("d0", 0, list(range(50)))
             assert (rp.lease_s, rp.deadline) == (30.0, 1234.5)  # D's lease, D's clock
-            assert h.cluster.registry.workers["p0"].prefill_inflight == 1
+            workers = h.cluster.registry.workers
+            assert workers["p0"].prefill_inflight == 1
+            assert (workers["p0"].prefill_backlog, workers["d0"].prefill_backlog) == (800, 0)
             await p.send(
                 m.PrefillDone(
                     worker_id="p0",
@@ -170,13 +172,15 @@ def test_long_prompts_are_prefilled_remotely_short_ones_locally(tmp_path):
             await d.output("long-0", finish="length")
             (out,) = await stream.get()
             assert out.new_token_ids == [7] and not stream.open
-            assert h.cluster.registry.workers["p0"].prefill_inflight == 0
+            assert (workers["p0"].prefill_inflight, workers["p0"].prefill_backlog) == (0, 0)
 
             stream = h.cluster.submit([("short-0", SHORT, PARAMS)])
             add = await d.expect(m.AddRequest)
             assert add.request_id == "short-0"
+            assert workers["d0"].prefill_backlog == len(SHORT)
             h.cluster.release(stream)
             assert (await d.expect(m.AbortRequests)).request_ids == ["short-0"]
+            assert workers["d0"].prefill_backlog == 0
 
             assert h.metric("disagg_decision_total", decision="remote_long") == 1
             assert h.metric("disagg_decision_total", decision="local_short") == 1
@@ -185,6 +189,32 @@ def test_long_prompts_are_prefilled_remotely_short_ones_locally(tmp_path):
             assert h.metric("router_queue_time_seconds_count", path="remote") == 1
             assert h.metric("router_queue_time_seconds_count", path="local") == 1
             assert h.metric("decode_queue_time_seconds_count", path="remote") == 1
+
+    run(main())
+
+
+def test_prefill_backlogs_balance_long_prompts_between_prefill_and_decode_worker(tmp_path):
+    """Conditional mode: a long prompt goes remote while the prefill worker's token backlog is
+    within the slack (1024) of the decode worker's; the backlogs drain as first tokens come
+    out (local) or the prefill worker reports (remote)."""
+
+    async def main():
+        async with Harness(tmp_path) as h:
+            d = await h.join("d0", "decode")
+            await h.join("p0", "prefill")
+            workers = h.cluster.registry.workers
+            streams = [h.cluster.submit([(f"long-{i}", LONG, PARAMS)]) for i in range(4)]
+            # P: 800 -> remote, 1600 (<= 800 + 1024) -> remote, then 2400 > 1824 -> local,
+            # then 2400 <= 1600 + 1024 -> remote again
+            assert h.metric("disagg_decision_total", decision="remote_long") == 3
+            assert h.metric("disagg_decision_total", decision="local_sooner") == 1
+            assert (workers["p0"].prefill_backlog, workers["d0"].prefill_backlog) == (2400, 800)
+            assert (await d.expect(m.AddRequest)).request_id == "long-2"
+            await d.output("long-2")
+            await until(lambda: workers["d0"].prefill_backlog == 0)
+            for s in streams:
+                h.cluster.release(s)
+            assert workers["p0"].prefill_backlog == 0 and workers["p0"].prefill_inflight == 0
 
     run(main())
 
