@@ -48,10 +48,11 @@ class DisaggConfig:
     local_prefill_max_tokens: int = 512
     # a prefill worker with this many queued requests has no room
     prefill_queue_saturation: int = 4
-    # a long prompt goes remote only while the prefill worker's backlog plus the prompt is at
-    # most this many tokens more than the decode worker's own backlog plus the prompt: the
-    # price (in prefill tokens) the decode worker pays to keep long prefills out of its
-    # decode steps. Past it the decode worker would get the first token out sooner itself.
+    # a long prompt goes to a prefill worker only while its backlog plus the prompt is at most
+    # this many tokens more than the decode worker's own backlog plus the prompt: the price
+    # (in prefill tokens) paid to keep long prefills out of decode steps. Past it the decode
+    # worker gets the first token out sooner itself. To a `both` worker (which decodes too) a
+    # prompt moves only when it starts at least this many tokens sooner there.
     remote_prefill_slack_tokens: int = 1024
     # a decode worker with at least this fraction of max_num_seqs running is busy: even a short
     # prefill goes remote so its decodes are not stalled
@@ -94,7 +95,8 @@ def decode_cost(w: WorkerSnapshot, prompt_blocks: int, block_size: int, cfg: Dis
 
 
 def prefill_cost(w: WorkerSnapshot, cfg: DisaggConfig) -> float:
-    return cfg.queue_weight * (w.num_waiting + w.num_running) - cfg.hit_weight * w.prefix_hit_blocks
+    # its prefill queue only: a `both` worker's running decodes do not delay a prefill
+    return cfg.queue_weight * w.num_waiting - cfg.hit_weight * w.prefix_hit_blocks
 
 
 def _argmin(workers: Sequence[WorkerSnapshot], key, rng: random.Random) -> WorkerSnapshot:
@@ -137,18 +139,27 @@ def decide(
     p = _argmin(candidates, lambda w: prefill_cost(w, cfg), rng)
     inputs.update(
         prefill=p.worker_id,
-        prefill_queue=p.num_waiting + p.num_running,
+        prefill_queue=p.num_waiting,
         prefill_hit_blocks=p.prefix_hit_blocks,
         prefill_backlog_tokens=p.prefill_backlog_tokens,
     )
     if cfg.mode == "always":
         return Decision(d.worker_id, p.worker_id, "remote_mode", inputs)
-    if p.num_waiting + p.num_running >= cfg.prefill_queue_saturation:
+    if p.num_waiting >= cfg.prefill_queue_saturation:
         return Decision(d.worker_id, None, "local_saturated", inputs)
     if left > cfg.local_prefill_max_tokens:
         remote_wait = p.prefill_backlog_tokens + prompt_tokens - p.prefix_hit_blocks * block_size
         local_wait = d.prefill_backlog_tokens + left
-        if remote_wait > local_wait + cfg.remote_prefill_slack_tokens:
+        slack = cfg.remote_prefill_slack_tokens
+        # a dedicated prefill worker gets the prompt unless it is `slack` tokens later; a
+        # `both` worker decodes too (moving the prefill there protects nobody's decodes), so
+        # it gets the prompt only when it is `slack` tokens sooner (that pays the transfer)
+        sooner = (
+            remote_wait <= local_wait + slack
+            if p.role == "prefill"
+            else (remote_wait + slack <= local_wait)
+        )
+        if not sooner:
             return Decision(d.worker_id, None, "local_sooner", inputs)
         return Decision(d.worker_id, p.worker_id, "remote_long", inputs)
     if busy and left > 1:

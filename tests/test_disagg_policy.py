@@ -21,6 +21,28 @@ def run(prompt_tokens, decode, prefill, cfg=CFG, seed=0):
     return decide(prompt_tokens, BS, decode, prefill, cfg, random.Random(seed))
 
 
+def test_a_both_workers_decodes_do_not_count_as_its_prefill_queue():
+    # two `both` workers: d1 decodes 200 requests, d0 has 3000 prompt tokens to prefill; a
+    # long prompt decoded on d0 is prefilled on d1 (its prefill queue is empty)
+    ws = [W("d0", "both", backlog=3000), W("d1", "both", running=200)]
+    d = run(4000, ws, ws)
+    assert (d.decode_worker, d.prefill_worker, d.decision) == ("d0", "d1", "remote_long")
+    busy = [W("d0", "both", backlog=3000),
+            W("d1", "both", running=200, waiting=CFG.prefill_queue_saturation)]  # fmt: skip
+    assert run(4000, busy, busy).decision == "local_saturated"
+
+
+def test_a_both_worker_takes_a_prompt_only_when_it_starts_clearly_sooner_there():
+    slack = CFG.remote_prefill_slack_tokens
+    even = [W("d0", "both"), W("d1", "both")]
+    assert run(4000, even, even).decision == "local_sooner"  # no ping-pong when balanced
+    # d0 (fewer running) decodes; d1's backlog is exactly `slack` smaller: it prefills
+    ws = [W("d0", "both", backlog=slack + 100), W("d1", "both", running=100, backlog=100)]
+    assert run(4000, ws, ws)[1:3] == ("d1", "remote_long")
+    ws = [W("d0", "both", backlog=slack + 99), W("d1", "both", running=100, backlog=100)]
+    assert run(4000, ws, ws)[1:3] == (None, "local_sooner")
+
+
 def test_decode_worker_prefers_prefix_hits():
     d = run(1600, [W("d0"), W("d1", hit=50)], [W("p0", "prefill")])
     assert d.decode_worker == "d1"
