@@ -6,8 +6,8 @@ Definitions (latencies in ms, rates in requests/s):
   output_tokens <= 1 have no TPOT: they are left out of the TPOT percentiles and meet any TPOT SLO.
 - Percentiles are over the ok requests of a point, interpolated linearly (numpy's default).
 - A request is *good* under an SLO when it succeeded with TTFT <= slo.ttft_ms and TPOT <= slo.tpot_ms.
-  ``attained`` = good / all requests of the point (failed ones included); ``good_rps`` = good / the
-  run's duration.
+  ``attained`` = good / all requests of the point (failed ones included); ``good_rps`` = the
+  offered rate x attained (not good / the run's wall time: a short point's drain would dominate).
 - A point *meets* an SLO when its p90 TTFT and p90 TPOT are within it and no request failed.
 - Goodput (the DistServe sense): ``max_rate`` is the highest measured rate that meets the SLO with
   every lower measured rate meeting it too (the first failure ends the search; 0 when the lowest
@@ -84,7 +84,7 @@ class PointStats:
     tpot_p99: float
     attained: dict[str, float]  # per SLO name: good / all requests
     meets_p90: dict[str, bool]  # per SLO name
-    good_rps: dict[str, float]  # per SLO name: good / duration_s
+    good_rps: dict[str, float]  # per SLO name: offered rate x attained
     kv_gb: float
     transfer_ms: float  # mean per transfer
     transfer_gbps: float
@@ -105,7 +105,6 @@ def point_stats(point: Mapping[str, Any], slos: Sequence[Slo]) -> PointStats:
     failed = max(int(point.get("failed", 0)), len(reqs) - len(ok))
     completed = int(point.get("completed", len(ok)))
     total = max(len(reqs), completed + failed)
-    duration = float(point.get("duration_s", 0.0))
     ttft, tpot = _ok_values(point, "ttft_ms"), _ok_values(point, "tpot_ms")
     server = point.get("server") or {}
     transfers = int(server.get("transfers", 0))
@@ -135,7 +134,7 @@ def point_stats(point: Mapping[str, Any], slos: Sequence[Slo]) -> PointStats:
             1 for r in ok if r["ttft_ms"] <= slo["ttft_ms"] and r["tpot_ms"] <= slo["tpot_ms"]
         )
         stats.attained[name] = good / total if total else 0.0
-        stats.good_rps[name] = good / duration if duration > 0 else 0.0
+        stats.good_rps[name] = stats.rate * stats.attained[name]
         stats.meets_p90[name] = total > 0 and failed == 0 and stats.limit_ratio(slo) <= 1.0
     return stats
 
@@ -356,6 +355,47 @@ def _command_lines(commands: Sequence[str]) -> list[str]:
     return ["Commands (one run per raw file, in order):", "", *(f"- `{c}`" for c in commands), ""]
 
 
+# The SLO grid of the sensitivity table: where, if anywhere, disaggregation pays on this
+# hardware, recomputed from the same runs (nothing is re-measured).
+SWEEP_TTFT_MS = (500.0, 2000.0)
+SWEEP_TPOT_MS = (8.0, 10.0, 12.0, 15.0, 20.0, 30.0)
+
+
+def _gp_cell(g: Goodput) -> str:
+    return f"{'>=' if g.censored else ''}{g.interpolated:.1f}"
+
+
+def slo_sweep_table(raw: Raw, summary: Summary) -> list[str]:
+    """Goodput (req/s, cluster) of every config under each SLO of the grid, per workload, with
+    disagg / colocated."""
+    configs = summary.configs
+    rows = []
+    for w in summary.workloads:
+        for ttft in SWEEP_TTFT_MS:
+            for tpot in SWEEP_TPOT_MS:
+                slo: Slo = {"name": "sweep", "ttft_ms": ttft, "tpot_ms": tpot}
+                gps = {}
+                for c in configs:
+                    pts = [
+                        point_stats(p, [slo])
+                        for p in raw.get("points", [])
+                        if p["workload"] == w and p["config"] == c
+                    ]
+                    if pts:
+                        gps[c] = goodput(pts, slo)
+                ratio = _ratio(gps.get("disagg"), gps.get("colocated"))
+                rows.append(
+                    [w, f"{ttft:g} / {tpot:g}"]
+                    + [_gp_cell(gps[c]) if c in gps else "-" for c in configs]
+                    + [
+                        _x(ratio.value)
+                        + (f" ({ratio.bound})" if ratio.bound and ratio.value is not None else "")
+                    ]
+                )
+    header = ["workload", "TTFT / TPOT SLO (p90 ms)", *configs, "disagg / colocated"]
+    return _table(header, rows)
+
+
 def markdown(
     raw: Raw, summary: Summary, plot_files: Sequence[str], raw_names: Sequence[str] = ()
 ) -> str:
@@ -402,6 +442,14 @@ def markdown(
         *ratio_table(raw, summary),
         "",
         *target_lines(raw, summary),
+        "",
+        "## Goodput across SLOs (sensitivity, from the same runs)",
+        "",
+        "Goodput in req/s for the whole cluster under a grid of p90 SLOs, computed the same way "
+        "as above from the same requests (nothing re-measured): where, on this hardware, each "
+        "mode pays.",
+        "",
+        *slo_sweep_table(raw, summary),
         "",
         "## Per rate",
         "",
@@ -454,7 +502,11 @@ def plot_goodput_vs_rate(
                 ys = [s.good_rps[slo["name"]] for s in pts]
                 ax.plot(xs, ys, SLO_STYLES[si % 3], color=f"C{ci}", marker=_marker(ci), ms=4)
         ax.plot([0, top], [0, top], ":", color="grey", lw=1)
-        ax.set(title=w, xlabel="offered rate (req/s)", ylabel="good requests/s")
+        ax.set(
+            title=w,
+            xlabel="offered rate (req/s)",
+            ylabel="rate x fraction of requests good (req/s)",
+        )
         ax.grid(alpha=0.3)
     handles = [
         Line2D([], [], color=f"C{i}", marker=_marker(i), label=_label(raw, c))

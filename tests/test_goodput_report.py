@@ -101,7 +101,10 @@ def test_point_stats_attainment_and_transfer():
     s = gr.point_stats(p, SLOS)
     assert (s.completed, s.failed) == (4, 1)
     assert s.attained == {"strict": pytest.approx(2 / 5), "relaxed": pytest.approx(4 / 5)}
-    assert s.good_rps == {"strict": pytest.approx(0.4), "relaxed": pytest.approx(0.8)}
+    assert s.good_rps == {
+        "strict": pytest.approx(2.0 * 2 / 5),
+        "relaxed": pytest.approx(2.0 * 4 / 5),
+    }
     assert s.meets_p90 == {"strict": False, "relaxed": False}  # a failed request
     assert s.ttft_p50 == pytest.approx(100.0) and s.ttft_p90 == pytest.approx(450.0)
     assert s.transfer_ms == pytest.approx(125.0)
@@ -463,3 +466,24 @@ def test_cli_one_file_with_out_prefix(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "Raw data: `raw.json`" in md and "](report-goodput.png)" in md
     assert (tmp_path / "report-cdf.png").exists()
+
+
+def test_slo_sweep_shows_where_a_tight_tpot_slo_favours_disaggregation():
+    # colocated: fast first tokens, decode slowed by prefills (TPOT 14 ms); disagg: slower
+    # first tokens (TTFT 800 ms), decode steady at 7 ms
+    raw = make_raw(
+        sweep("colocated", "long", [300, 300, 300], [14, 14, 14])
+        + sweep("disagg", "long", [800, 800, 800], [7, 7, 7])
+    )
+    raw["workloads"] = raw["workloads"][:1]
+    raw["configs"] = raw["configs"][:2]
+    lines = gr.slo_sweep_table(raw, gr.summarize(raw))
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == [
+        "workload", "TTFT / TPOT SLO (p90 ms)", "colocated", "disagg", "disagg / colocated"
+    ]  # fmt: skip
+    rows = {r[1]: r[2:] for r in ([c.strip() for c in ln.split("|")[1:-1]] for ln in lines[2:])}
+    assert len(rows) == len(gr.SWEEP_TTFT_MS) * len(gr.SWEEP_TPOT_MS)
+    # TTFT 500 ms: disagg never meets it; TPOT 12 ms: colocated never does
+    assert rows["500 / 30"] == [">=3.0", "0.0", "0.00x (upper bound)"]
+    assert rows["2000 / 12"] == ["0.0", ">=3.0", "n/a"]
+    assert rows["2000 / 15"] == [">=3.0", ">=3.0", "1.00x (both censored: undetermined)"]
