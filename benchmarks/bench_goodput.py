@@ -92,8 +92,10 @@ def scrape(base_url: str) -> dict[str, Any]:
         for s in fam.samples:
             if s.name == "pdserve:disagg_decision_total":
                 decisions[s.labels["decision"]] = s.value
-            elif s.name in COUNTERS or s.name.removesuffix("_sum") in HISTOGRAMS or (
-                s.name.removesuffix("_count") in HISTOGRAMS
+            elif (
+                s.name in COUNTERS
+                or s.name.removesuffix("_sum") in HISTOGRAMS
+                or (s.name.removesuffix("_count") in HISTOGRAMS)
             ):
                 flat[s.name] = flat.get(s.name, 0.0) + s.value
     return {"flat": flat, "decisions": decisions}
@@ -141,9 +143,9 @@ class Results:
             self.data["points"] = old["points"]
             self.data["command"] = old.get("command", "") + " && " + header["command"]
             names = {c["name"] for c in header["configs"]}
-            self.data["configs"] = [
-                c for c in old["configs"] if c["name"] not in names
-            ] + header["configs"]
+            self.data["configs"] = [c for c in old["configs"] if c["name"] not in names] + header[
+                "configs"
+            ]
         self.save()
 
     def add(self, point: dict[str, Any]) -> None:
@@ -231,8 +233,11 @@ def run_config(name: str, args: argparse.Namespace, rates: dict[str, list[float]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="colocated,disagg,conditional",
-                   help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument(
+        "--configs",
+        default="colocated,disagg,conditional",
+        help=f"comma-separated, of {', '.join(CONFIGS)}",
+    )
     p.add_argument("--workloads", default="long,chat,mix", help=f"of {', '.join(WORKLOADS)}")
     p.add_argument("--rates", action="append", default=[],
                    help="WORKLOAD=R1,R2,... offered rates (req/s), repeatable; defaults: "
@@ -251,14 +256,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompts", type=int, default=300)
     p.add_argument("--tail-seconds", type=float, default=10.0,
                    help="expected drain after the last arrival (deadline check)")  # fmt: skip
-    p.add_argument("--warmup", type=int, default=4,
-                   help="untimed requests (at once) before each workload's sweep")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=4,
+        help="untimed requests (at once) before each workload's sweep",
+    )
     p.add_argument("--processes", type=int, default=4, help="load generator processes")
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--stop-factor", type=float, default=2.0)
     p.add_argument("--start-timeout", type=float, default=600.0)
-    p.add_argument("--deadline", type=float, default=0.0,
-                   help="seconds from now after which no new point starts (0: none)")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=0.0,
+        help="seconds from now after which no new point starts (0: none)",
+    )
     p.add_argument("--out", default=None, help="raw JSON (default: benchmarks/results/"
                    "<date>-goodput-<gpu>.json)")  # fmt: skip
     p.add_argument("--append", action="store_true", help="add to an existing --out file")
@@ -296,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/bench_goodput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model, "gpus": min(gpus, 2) or 1, "engine_flags": args.engine_flags,
         "slos": SLOS,
-        "configs": [{"name": c, "label": CONFIGS[c][0], "flags": CONFIGS[c][1]} for c in configs],
+        "configs": [{"name": c, "label": CONFIGS[c][0], "flags": CONFIGS[c][1],
+                     "gpus": 1 if c == "single" else min(gpus, 2) or 1} for c in configs],
         "workloads": [{"name": w, "description": WORKLOADS[w], "rates": rates[w],
                        "length_scale": args.length_scale} for w in args.workloads],
     }  # fmt: skip

@@ -15,7 +15,7 @@ Definitions (latencies in ms, rates in requests/s):
   r = max(p90 TTFT / slo TTFT, p90 TPOT / slo TPOT) crosses 1, linearly between the last passing and
   the first failing point. ``censored``: every measured rate passed, so the goodput is at least the
   highest rate measured (the sweep did not find the limit).
-- Per GPU = goodput / raw["gpus"].
+- Per GPU = goodput / the config's "gpus" (raw["gpus"] where a config does not say).
 - Ratios: disagg / colocated, and for each conditional variant (a config named conditional*, e.g.
   conditional and conditional-both) variant / the best fixed mode, max(colocated, disagg): other
   configs (single) are shown but are no fixed mode.
@@ -240,7 +240,9 @@ def summarize(raw: Raw) -> Summary:
                 _ratio(dis, col),
                 {c: _ratio(gp.get((w, c, slo["name"])), best) for c in conditionals},
             )
-    per_gpu = {k: g.interpolated / gpus for k, g in gp.items()}
+    # a config's own GPU count where the raw file records it ("single" runs on one)
+    config_gpus = {str(c["name"]): int(c.get("gpus", gpus)) for c in raw.get("configs", [])}
+    per_gpu = {k: g.interpolated / config_gpus.get(k[1], gpus) for k, g in gp.items()}
     return Summary(gpus, workloads, configs, stats, gp, per_gpu, conditionals, ratios)
 
 

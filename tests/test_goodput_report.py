@@ -279,7 +279,7 @@ def test_cli_writes_report_and_plots(tmp_path, capsys):
 
 
 BOTH = {"name": "conditional-both", "label": "2 x both cond", "flags": ["--num-workers", "2"]}
-SINGLE = {"name": "single", "label": "1 x both", "flags": ["--num-workers", "1"]}
+SINGLE = {"name": "single", "label": "1 x both", "flags": ["--num-workers", "1"], "gpus": 1}
 
 
 def variants_raw():
@@ -311,7 +311,7 @@ def test_conditional_variants_against_best_fixed_mode():
     chat = summary.ratios[("chat", "strict")].vs_best_fixed
     assert chat["conditional-both"].value == 0.0 and chat["conditional"].value is None
     assert summary.ratios[("chat", "relaxed")].vs_best_fixed["conditional-both"].value == 1.0
-    assert summary.per_gpu[("long", "single", "strict")] == pytest.approx(2.5)
+    assert summary.per_gpu[("long", "single", "strict")] == pytest.approx(5.0)  # its own one GPU
 
 
 def test_markdown_has_a_column_and_verdicts_per_conditional_variant():
@@ -336,7 +336,7 @@ def test_markdown_has_a_column_and_verdicts_per_conditional_variant():
     verdicts = [ln for ln in md.splitlines() if " >= the better fixed mode " in ln]
     assert len(verdicts) == 2 * 3 * 2  # variants x workloads x SLOs
     single = [c.strip() for c in _line(md, "| long     | single").strip("|").split("|")]
-    assert single[2:5] == [">=5.00", ">=2.50", "5"]
+    assert single[2:5] == [">=5.00", ">=5.00", "5"]
     assert "- single (1 x both): `--num-workers 1`" in md
 
 
