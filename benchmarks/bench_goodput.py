@@ -57,9 +57,9 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
 }  # fmt: skip
 # Offered rates (requests/s, whole cluster) for an 8B model on two H200s.
 DEFAULT_RATES = {
-    "long": [2.0, 4.0, 6.0, 8.0, 10.0],
-    "chat": [25.0, 50.0, 75.0, 100.0],
-    "mix": [4.0, 8.0, 12.0, 16.0],
+    "long": [2.0, 4.0, 6.0, 8.0, 10.0, 13.0],
+    "chat": [25.0, 50.0, 75.0, 100.0, 150.0],
+    "mix": [4.0, 8.0, 12.0, 16.0, 24.0],
 }
 SLOS = [
     {"name": "strict", "ttft_ms": 500.0, "tpot_ms": 30.0},
@@ -253,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="scale every workload length (CPU smoke runs)")  # fmt: skip
     p.add_argument("--point-seconds", type=float, default=8.0, help="arrivals per point")
     p.add_argument("--min-prompts", type=int, default=30, help="per point: p90s of fewer are noise")
-    p.add_argument("--max-prompts", type=int, default=300)
+    p.add_argument(
+        "--max-prompts",
+        type=int,
+        default=1200,
+        help="per point (300 cut chat at 150 req/s to 2 s of arrivals)",
+    )
     p.add_argument("--tail-seconds", type=float, default=10.0,
                    help="expected drain after the last arrival (deadline check)")  # fmt: skip
     p.add_argument(
