@@ -66,7 +66,10 @@ def wait_clean(base_url: str, workers: set[str], timeout: float = 60.0) -> None:
 @pytest.fixture(scope="module")
 def server():
     args = [
-        "--dtype", "float32", "--kv-cache-memory", "64MiB", "--max-num-seqs", "8",
+        # 256 MiB: room for the 6 concurrent prompts of the kill test (~2800 tokens; 64 MiB
+        # holds ~1450, so some reservations fell back to local prefill and prefill-0 could
+        # hold two remote prefills only briefly: a CI run timed out waiting for it)
+        "--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-num-seqs", "8",
         "--max-model-len", "1024", "--worker-threads", "1", "--enable-debug-endpoints",
         "--prefill-workers", "2", "--decode-workers", "1", "--disagg-mode", "always",
         "--kv-lease", str(LEASE), "--kv-lease-grace", "1", "--heartbeat-timeout", "120",
