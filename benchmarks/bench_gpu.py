@@ -10,7 +10,9 @@ device's own ceilings measured in the same run:
 
 Steps are timed end to end (scheduler, metadata, plan, CUDA-graph replay or eager forward,
 logits, sampler: each step ends with the sampler's device->host copy, so host wall time between
-steps is device time plus host overhead); medians. Ceilings use triton.testing.do_bench
+steps is device time plus host overhead); medians. Decode steps are timed twice on the same
+engine and requests, step lookahead off and then on (the engine staging the next step while
+the current one runs; the default). Ceilings use triton.testing.do_bench
 medians (CUDA events). Prefix caching is off so every prompt is computed.
 """
 
@@ -62,6 +64,16 @@ def timed_steps(engine: EngineCore, n: int) -> list[float]:
         engine.step()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def decode_off_on(engine: EngineCore, steps: int) -> tuple[float, float]:
+    """Median decode step seconds with step lookahead off, then on (same engine, requests)."""
+    medians = []
+    for lookahead in (False, True):
+        engine.config.step_lookahead = lookahead
+        timed_steps(engine, 5)
+        medians.append(statistics.median(timed_steps(engine, steps)))
+    return medians[0], medians[1]
 
 
 def add(
@@ -246,10 +258,10 @@ def main() -> int:
     rows: list[list[object]] = []
 
     # (a) batch-1 decode
-    add(engine, "b1", 1, 128, args.steps + 60, gen)
+    add(engine, "b1", 1, 128, 2 * args.steps + 100, gen)
     prefill_all(engine)
-    timed_steps(engine, 10)
-    tpot = statistics.median(timed_steps(engine, args.steps))
+    timed_steps(engine, 5)
+    tpot_off, tpot = decode_off_on(engine, args.steps)
     roof = (weight_bytes + 200 * kv_per_token) / bw
     rows.append(
         [
@@ -257,6 +269,14 @@ def main() -> int:
             f"{tpot * 1e3:.2f} ms",
             f"roofline {roof * 1e3:.2f} ms ({weight_bytes / 1e9:.2f} GB weights)",
             f"{tpot / roof:.2f}x roofline (target <= 1.15x)",
+        ]
+    )
+    rows.append(
+        [
+            "  same, step lookahead off",
+            f"{tpot_off * 1e3:.2f} ms",
+            f"lookahead on: {tpot * 1e3:.2f} ms",
+            f"{tpot_off / roof:.2f}x roofline; on is {tpot_off / tpot:.2f}x faster",
         ]
     )
     graphs = engine.runner.cuda_graphs
@@ -296,13 +316,12 @@ def main() -> int:
 
     # (b) decode at batch 64 and 128, 1k context
     for batch in () if args.only_b1 else (64, 128):
-        add(engine, f"b{batch}", batch, 1024, args.steps + 20, gen)
+        add(engine, f"b{batch}", batch, 1024, 2 * args.steps + 40, gen)
         prefill_all(engine)
-        timed_steps(engine, 5)
-        step = statistics.median(timed_steps(engine, args.steps))
+        step_off, step = decode_off_on(engine, args.steps)
         if graphs is not None:
             breakdowns[batch] = phase_breakdown(engine, 10)
-        ctx = 1024 + 5 + args.steps // 2
+        ctx = 1024 + 5 + args.steps
         roof = (weight_bytes + batch * ctx * kv_per_token) / bw
         anchor = f"SGLang {SGLANG_B128_MS} ms (H100)" if batch == 128 else ""
         rows.append(
@@ -311,6 +330,14 @@ def main() -> int:
                 f"{step * 1e3:.2f} ms",
                 f"roofline {roof * 1e3:.2f} ms; {batch / step:.0f} tok/s",
                 f"{step / roof:.2f}x roofline {anchor}".strip(),
+            ]
+        )
+        rows.append(
+            [
+                "  same, step lookahead off",
+                f"{step_off * 1e3:.2f} ms",
+                f"lookahead on: {step * 1e3:.2f} ms",
+                f"{step_off / roof:.2f}x roofline; on is {step_off / step:.2f}x faster",
             ]
         )
         engine.abort(

@@ -28,6 +28,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="on CUDA: fraction of GPU memory to fill; the KV cache gets what weights "
                         "and activations leave (0: use --kv-cache-memory)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    g.add_argument("--no-step-lookahead", action="store_true",
+                   help="with CUDA graphs: do not stage the predicted next decode step while the "
+                        "current one runs (host and device then take turns)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -47,6 +50,7 @@ def engine_config_from_args(args: argparse.Namespace):
         seed=args.seed,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        step_lookahead=not args.no_step_lookahead,
     )
 
 

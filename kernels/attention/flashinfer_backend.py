@@ -92,9 +92,11 @@ class FlashInferAttentionBackend(AttentionBackend):
         first = torch.cumsum(counts_dev, 0) - counts_dev  # exclusive prefix sum
         cols = torch.arange(total, device=dev) - first[rows]
         indices = m.block_tables[rows, cols].to(torch.int32)
+        # Pinned: FlashInfer copies these to the device non-blocking, and a pageable copy would
+        # wait for the work queued before it (the engine plans the next step during this one).
         return (
-            torch.tensor(indptr, dtype=torch.int32),
-            torch.tensor(last, dtype=torch.int32),
+            torch.tensor(indptr, dtype=torch.int32).pin_memory(),
+            torch.tensor(last, dtype=torch.int32).pin_memory(),
             indices,
             indptr,
         )

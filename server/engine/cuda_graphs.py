@@ -9,9 +9,12 @@ backend's plan and one graph launch instead of ~15 kernel launches per layer.
 - Captured largest-first into one memory pool: smaller graphs reuse the largest one's
   activation memory.
 - Inputs: one pinned host buffer, one H2D copy per step into a device buffer of fixed layout
-  [ids | positions | slots | seq_lens | block tables]; ids/positions/slots are int64 views of it,
-  seq_lens and block tables are converted into int32 static tensors. The pinned buffer is
-  rewritten only at the next step, after the sampler's device->host copy has synchronised.
+  [ids | positions | slots | seq_lens | token rows | block tables]; ids/positions/slots are
+  int64 views of it, seq_lens and block tables are converted into int32 static tensors. The
+  pinned buffer is rewritten only after the previous copy out of it has run (an event).
+- `stage` (copy inputs + plan attention) and `replay` are separate, so the engine can stage
+  step N+1 while step N still runs: everything `stage` queues lands after step N on the stream,
+  and the input ids can be gathered on the device from step N's sampled tokens ("token rows").
 - Only backends with `supports_cuda_graphs` are captured (FlashInfer, Triton); the attention
   plan runs before each replay, outside the graph.
 """
@@ -41,6 +44,13 @@ class DecodeBatch(NamedTuple):
     block_tables: list[list[int]]
 
 
+class StagedDecode(NamedTuple):
+    """A decode batch whose inputs and attention plan are in place for `replay`."""
+
+    bucket: int  # the graph's batch size
+    num_seqs: int  # real rows; the rest are padding
+
+
 def bucket_sizes(max_num_seqs: int) -> list[int]:
     return [b for b in BUCKETS if b < max_num_seqs] + [max_num_seqs]
 
@@ -67,10 +77,11 @@ class CudaGraphRunner:
         self.dummy_block = dummy_block
         self.device = device
         # Fixed layout of the packed int64 buffer (offsets depend on max_bs only).
-        self._o_pos, self._o_slot, self._o_len, self._o_tab = n, 2 * n, 3 * n, 4 * n
-        total = 4 * n + n * self.width
+        self._o_pos, self._o_slot, self._o_len, self._o_src, self._o_tab = n, 2 * n, 3 * n, 4 * n, 5 * n
+        total = 5 * n + n * self.width
         self._host = torch.zeros(total, dtype=torch.int64, pin_memory=True)
         self._host_np = self._host.numpy()
+        self._copied = torch.cuda.Event()  # the last copy out of _host has run (unrecorded: no wait)
         self._dev = torch.zeros(total, dtype=torch.int64, device=device)
         self.input_ids = self._dev[:n]
         self.positions = self._dev[self._o_pos : self._o_pos + n]
@@ -90,11 +101,15 @@ class CudaGraphRunner:
     def can_run(self, batch_size: int, max_blocks: int) -> bool:
         return 0 < batch_size <= self.max_bs and max_blocks <= self.width
 
-    def _stage(self, batch: DecodeBatch, bs: int) -> tuple[AttentionMetadata, int]:
+    def _stage(
+        self, batch: DecodeBatch, bs: int, tokens: tuple[torch.Tensor, list[int]] | None = None
+    ) -> tuple[AttentionMetadata, int]:
         """Write the padded batch into the pinned buffer, copy it to the device once, fill the
         static int32 tensors; returns the metadata over the static buffers and the table width
-        used."""
+        used. `tokens` = (token ids on the device, row of each sequence in them): the input ids
+        are gathered from there on the device instead of taken from `batch.input_ids`."""
         n = len(batch.input_ids)
+        self._copied.synchronize()  # the previous step's copy out of _host has run
         h = self._host_np
         h[:n] = batch.input_ids
         h[n:bs] = 0
@@ -109,8 +124,14 @@ class CudaGraphRunner:
         tab[:] = self.dummy_block
         for i, t in enumerate(batch.block_tables):
             tab[i, : len(t)] = t
+        if tokens is not None:
+            h[self._o_src : self._o_src + n] = tokens[1]
         end = self._o_tab + bs * w
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        self._copied.record()
+        if tokens is not None:
+            rows = self._dev[self._o_src : self._o_src + n]
+            self.input_ids[:n].copy_(tokens[0].index_select(0, rows))
         self.seq_lens[:bs].copy_(self._dev[self._o_len : self._o_len + bs])
         self.block_tables[:bs, :w].copy_(self._dev[self._o_tab : end].view(bs, w))
         seq_lens = list(batch.seq_lens) + [1] * (bs - n)
@@ -154,14 +175,25 @@ class CudaGraphRunner:
                  used / 2**20)
 
     @torch.inference_mode()
-    def run(self, batch: DecodeBatch) -> torch.Tensor:
-        """Replay the bucket's graph on `batch`; returns hidden states [n, hidden] (a view of
-        the graph's output buffer, valid until the next replay)."""
+    def stage(
+        self, batch: DecodeBatch, tokens: tuple[torch.Tensor, list[int]] | None = None
+    ) -> StagedDecode:
+        """Put `batch`'s inputs into the static buffers and plan the attention for it (see
+        `_stage` for `tokens`). Nothing may stage or run another batch before its `replay`."""
         n = len(batch.input_ids)
         bs = self.bucket(n)
-        meta, _ = self._stage(batch, bs)
+        meta, _ = self._stage(batch, bs, tokens)
         self.attn.plan_cuda_graph(meta)
-        graph, out = self._graphs[bs]
+        return StagedDecode(bs, n)
+
+    @torch.inference_mode()
+    def replay(self, staged: StagedDecode) -> torch.Tensor:
+        """Replay a staged batch; returns hidden states [n, hidden] (a view of the graph's output
+        buffer, valid until the next replay)."""
+        graph, out = self._graphs[staged.bucket]
         graph.replay()
-        return out[:n]
+        return out[: staged.num_seqs]
+
+    def run(self, batch: DecodeBatch) -> torch.Tensor:
+        return self.replay(self.stage(batch))
 

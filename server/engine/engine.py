@@ -52,6 +52,8 @@ class EngineConfig:
     # the KV cache gets what the others leave. 0 = use the kv_cache_memory byte budget.
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # With CUDA graphs: stage the predicted next decode step while the current one runs.
+    step_lookahead: bool = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,8 +182,12 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        sampled = self.runner.execute(out)
-        return self.scheduler.update(out, sampled)
+        pending = self.runner.launch(out)
+        if self.config.step_lookahead and self.runner.can_prepare_ahead:
+            rows = self.scheduler.lookahead(out)
+            if rows:
+                self.runner.prepare_ahead(rows, pending)
+        return self.scheduler.update(out, pending.result())
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

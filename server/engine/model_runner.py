@@ -3,7 +3,14 @@ metadata once, `plan` the backend once, run the model, sample the rows that need
 
 On CUDA the step's host lists reach the device in one copy (pinned, non-blocking), and pure
 decode steps replay a captured CUDA graph when the engine gave the runner one
-(`server/engine/cuda_graphs.py`). The sampler's device->host copy is the step's one sync."""
+(`server/engine/cuda_graphs.py`). The sampler's device->host copy is the step's one sync.
+
+`launch` queues a step and returns before the device has run it; `PendingStep.result()` waits.
+In between, `prepare_ahead` stages the decode step the scheduler predicts next (inputs copied,
+attention planned, input ids gathered on the device from the tokens being sampled), so that
+host work overlaps the device. The next `launch` replays it directly when its batch is exactly
+the prediction, and stages from scratch otherwise: a wrong prediction costs nothing but the
+overlapped host time."""
 
 from __future__ import annotations
 
@@ -11,11 +18,33 @@ import torch
 
 from kernels.attention.base import AttentionBackend, AttentionMetadata
 from kvcache.manager import KVCacheManager
-from server.engine.cuda_graphs import CudaGraphRunner, DecodeBatch
+from server.engine.cuda_graphs import CudaGraphRunner, DecodeBatch, StagedDecode
+from server.engine.host_copy import device_tensor
 from server.engine.outputs import TokenLogprobs
-from server.engine.sampler import Sampler, SamplingRow
-from server.engine.scheduler import SchedulerOutput
+from server.engine.request import Request
+from server.engine.sampler import PendingSample, Sampler, SamplingRow
+from server.engine.scheduler import DecodeRow, SchedulerOutput
 from server.models.llama import LlamaForCausalLM
+
+Sampled = dict[str, tuple[int, TokenLogprobs | None]]
+
+
+class PendingStep:
+    """A launched step: its sampled tokens are on the device until `result()`."""
+
+    def __init__(self, requests: list[Request], sample: PendingSample | None) -> None:
+        self.requests = requests  # the rows that sample, in the sampler's order
+        self.sample = sample
+
+    def result(self) -> Sampled:
+        """request id -> (token, logprobs) for each request that sampled; waits for the device."""
+        if self.sample is None:
+            return {}
+        res = self.sample.result()
+        return {
+            r.request_id: (tok, lp)
+            for r, tok, lp in zip(self.requests, res.token_ids, res.logprobs, strict=True)
+        }
 
 
 class ModelRunner:
@@ -35,6 +64,14 @@ class ModelRunner:
         self.device = device
         self.block_size = kv.block_size
         self.cuda_graphs = cuda_graphs
+        # The step staged by prepare_ahead: (its batch without input ids, staged graph inputs).
+        self._ahead: tuple[tuple, StagedDecode] | None = None
+        self.ahead_used = 0  # steps that replayed a prepared batch
+        self.ahead_missed = 0  # prepared batches that the next step did not match
+
+    @property
+    def can_prepare_ahead(self) -> bool:
+        return self.cuda_graphs is not None
 
     def _host_batch(self, out: SchedulerOutput):
         bs = self.block_size
@@ -103,18 +140,34 @@ class ModelRunner:
         )
         return ids, pos_t, meta
 
+    def execute(self, out: SchedulerOutput) -> Sampled:
+        return self.launch(out).result()
+
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, tuple[int, TokenLogprobs | None]]:
+    def launch(self, out: SchedulerOutput) -> PendingStep:
+        """Queue the step's forward pass and sampling on the device; returns without waiting."""
         host = self._host_batch(out)
         input_ids, positions, slots, query_lens, seq_lens, starts, tables = host
         graphs = self.cuda_graphs
+        ahead, self._ahead = self._ahead, None
         if (
             graphs is not None
             and len(input_ids) == len(query_lens)  # pure decode: one new token each
             and graphs.can_run(len(query_lens), max(len(t) for t in tables))
         ):
-            hidden = graphs.run(DecodeBatch(input_ids, positions, slots, seq_lens, tables))
+            rids = [s.request.request_id for s in out.scheduled]
+            staged = None
+            if ahead is not None:
+                if ahead[0] == (rids, positions, slots, seq_lens, tables):
+                    staged = ahead[1]  # its input ids are this step's, gathered on the device
+                    self.ahead_used += 1
+                else:
+                    self.ahead_missed += 1
+            if staged is None:
+                staged = graphs.stage(DecodeBatch(input_ids, positions, slots, seq_lens, tables))
+            hidden = graphs.replay(staged)
         else:
+            self.ahead_missed += ahead is not None
             ids, pos_t, meta = self._to_device(*host)
             self.attn.plan(meta)
             hidden = self.model(ids, pos_t, self.attn)
@@ -124,16 +177,34 @@ class ModelRunner:
             if s.samples:
                 rows.append(SamplingRow.from_request(s.request))
                 last.append(starts[i + 1] - 1)
+        reqs = [s.request for s in out.scheduled if s.samples]
         if not rows:
-            return {}
+            return PendingStep(reqs, None)
         if len(last) == hidden.shape[0]:  # every row samples (decode steps): no gather
             picked = hidden
         else:
-            picked = hidden[torch.tensor(last, device=self.device)]
+            picked = hidden[device_tensor(last, torch.int64, self.device)]
         logits = self.model.compute_logits(picked)
-        result = self.sampler(logits, rows)
-        reqs = [s.request for s in out.scheduled if s.samples]
-        return {
-            r.request_id: (tok, lp)
-            for r, tok, lp in zip(reqs, result.token_ids, result.logprobs, strict=True)
-        }
+        return PendingStep(reqs, self.sampler.launch(logits, rows))
+
+    @torch.inference_mode()
+    def prepare_ahead(self, rows: list[DecodeRow], pending: PendingStep) -> None:
+        """Stage the predicted next decode step while `pending` runs: its inputs and attention
+        plan land on the stream after `pending`, its input ids are gathered there from
+        `pending`'s sampled tokens. Every predicted request must sample in `pending`."""
+        graphs = self.cuda_graphs
+        if graphs is None or pending.sample is None:
+            return
+        bs = self.block_size
+        tables = [self.kv.block_table(r.request.request_id) for r in rows]
+        if not graphs.can_run(len(rows), max(len(t) for t in tables)):
+            return
+        positions = [r.position for r in rows]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
+        seq_lens = [p + 1 for p in positions]
+        row_of = {r.request_id: i for i, r in enumerate(pending.requests)}
+        rids = [r.request.request_id for r in rows]
+        src = [row_of[rid] for rid in rids]
+        batch = DecodeBatch([0] * len(rows), positions, slots, seq_lens, tables)
+        staged = graphs.stage(batch, (pending.sample.token_ids, src))
+        self._ahead = ((rids, positions, slots, seq_lens, tables), staged)

@@ -12,6 +12,9 @@ penalties costs one argmax:
   5. logprobs: from the log_softmax of the RAW logits (vLLM v1's default).
 
 All math is float32 on the logits' device; results reach the host in one device->host copy.
+`launch` queues the device work and returns at once (the few host->device copies of per-row
+parameters are pinned and non-blocking), `PendingSample.result()` is the step's one sync: the
+engine prepares its next step in between.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from server.engine.host_copy import device_tensor, to_device
 from server.engine.outputs import TokenLogprobs
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
@@ -67,6 +71,21 @@ class SamplerOutput(NamedTuple):
     logprobs: list[TokenLogprobs | None]  # one per row; None where params.logprobs is None
 
 
+class PendingSample:
+    """Tokens sampled on the device, not yet on the host."""
+
+    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+        self.token_ids = tokens  # [N] int64 on the logits' device
+        self._logits = logits
+        self._rows = rows
+
+    def result(self) -> SamplerOutput:
+        """Token ids (and logprobs) on the host; waits for the device."""
+        if not self._rows:
+            return SamplerOutput([], [])
+        return _to_host(self._logits, self.token_ids, self._rows)
+
+
 class Sampler:
     """Samples one token per row of a logits batch.
 
@@ -81,13 +100,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """logits: [N, V], any float dtype, any device; rows: N entries, row i for logits[i]."""
+        return self.launch(logits, rows).result()
+
+    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSample:
+        """`__call__` without waiting for the device: the tokens stay there until `result()`."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"expected logits [N, V] with N = len(rows) = {len(rows)}, got {tuple(logits.shape)}"
             )
         n = len(rows)
         if n == 0:
-            return SamplerOutput([], [])
+            return PendingSample(logits, torch.empty(0, dtype=torch.int64, device=logits.device), rows)
 
         # `.float()` aliases float32 input: every op below is out-of-place so the caller's logits
         # (also needed raw for logprobs) are never modified.
@@ -101,11 +124,11 @@ class Sampler:
         elif len(random_rows) == n:
             tokens = self._sample(x, rows)
         else:
-            idx = torch.tensor(random_rows, device=x.device)
+            idx = device_tensor(random_rows, torch.int64, x.device)
             sampled = self._sample(x.index_select(0, idx), [rows[i] for i in random_rows])
             # argmax over all N rows is cheaper than gathering the greedy ones first.
             tokens = x.argmax(dim=-1).index_copy(0, idx, sampled)
-        return _to_host(logits, tokens, rows)
+        return PendingSample(logits, tokens, rows)
 
     def _sample(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """x: [M, V] float32 penalized logits of non-greedy rows -> [M] int64 token ids."""
@@ -123,8 +146,8 @@ class Sampler:
         if need_k or need_p:
             x = _apply_top_k_top_p(
                 x,
-                torch.tensor(top_k, device=device) if need_k else None,
-                torch.tensor(top_p, dtype=torch.float32, device=device) if need_p else None,
+                device_tensor(top_k, torch.int64, device) if need_k else None,
+                device_tensor(top_p, torch.float32, device) if need_p else None,
             )
 
         probs = torch.softmax(x, dim=-1)
@@ -150,11 +173,11 @@ class Sampler:
             u.uniform_(generator=self._shared_generator(device))
         else:
             own = self._draw_seeded([g for _, g in seeded], vocab)
-            u.index_copy_(0, torch.tensor([i for i, _ in seeded], device=device), own.to(device))
+            u.index_copy_(0, device_tensor([i for i, _ in seeded], torch.int64, device), to_device(own, device))
             if shared:
                 draw = torch.empty(len(shared), vocab, device=device)
                 draw.uniform_(generator=self._shared_generator(device))
-                u.index_copy_(0, torch.tensor(shared, device=device), draw)
+                u.index_copy_(0, device_tensor(shared, torch.int64, device), draw)
         # U = 0 would give infinite noise: probs / noise = 0 for that token, which a row with a
         # single surviving token (top_k = 1, say) would then lose to a masked one.
         return u.clamp_min_(_TINY).log_().neg_()
@@ -200,7 +223,7 @@ class Sampler:
 
 def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """Per-row scalars as a [len(values), 1] float32 column, to broadcast over [N, V]."""
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+    return device_tensor(values, torch.float32, device).unsqueeze(1)
 
 
 def _mask_until_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -223,8 +246,8 @@ def _mask_until_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torc
             col_idx.extend(banned)
     if not row_idx:
         return x
-    index = (torch.tensor(row_idx, device=x.device), torch.tensor(col_idx, device=x.device))
-    return x.index_put(index, torch.tensor(float("-inf"), device=x.device))
+    index = (device_tensor(row_idx, torch.int64, x.device), device_tensor(col_idx, torch.int64, x.device))
+    return x.index_put(index, torch.full((), float("-inf"), device=x.device))
 
 
 def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -286,7 +309,7 @@ def _token_counts(
     # output_size: without it repeat_interleave first computes the size itself, ~1000x slower.
     row_of = torch.repeat_interleave(torch.arange(n), torch.tensor(lengths), output_size=total)
     valid = (ids >= 0) & (ids < vocab)  # an id outside the logits has no logit to penalize
-    flat_index = (row_of * vocab + ids)[valid].to(device)
+    flat_index = to_device((row_of * vocab + ids)[valid], device)
     counts.view(-1).scatter_add_(0, flat_index, torch.ones(flat_index.shape, device=device))
     return counts
 
@@ -331,7 +354,7 @@ def _to_host(
     if len(lp_rows) == n:
         raw, chosen = logits, tokens
     else:
-        idx = torch.tensor(lp_rows, device=logits.device)
+        idx = device_tensor(lp_rows, torch.int64, logits.device)
         raw, chosen = logits.index_select(0, idx), tokens.index_select(0, idx)
     logprobs = torch.log_softmax(raw.float(), dim=-1)  # [M, V]
     chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))  # [M, 1]

@@ -43,6 +43,13 @@ class ScheduledRequest(NamedTuple):
         return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
 
 
+class DecodeRow(NamedTuple):
+    """A predicted decode of the next step: the request and the position of its next token."""
+
+    request: Request
+    position: int
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # decodes (1 new token) first, then prefill chunks
@@ -295,6 +302,31 @@ class Scheduler:
             budget -= n
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # decodes first (stable)
         return out
+
+    def lookahead(self, out: SchedulerOutput) -> list[DecodeRow] | None:
+        """Predict the next step while this one runs on the device: when every running request
+        samples a token now and nothing waits to join, the next step is a pure decode of the
+        running requests that do not finish by length, in `running` order. Each gets the block
+        its next token needs now (the allocation `schedule` would make one step later). None
+        when the next step cannot be predicted: a prefill continues or may be admitted, or a
+        block is not free (no preemption for a prediction).
+
+        A prediction is a hint: the next `schedule` decides, and a request that stops on a
+        token keeps its early block until it is freed with the request."""
+        if len(out.scheduled) != len(self.running) or not all(s.samples for s in out.scheduled):
+            return None
+        if self.waiting and len(self.running) + len(self.remote) < self.config.max_num_seqs:
+            return None
+        rows: list[DecodeRow] = []
+        for req in self.running:
+            position = req.num_tokens  # the token sampled now is computed next
+            p = req.sampling_params
+            if req.num_output_tokens + 1 >= p.max_tokens or position + 1 >= self.config.max_model_len:
+                continue  # finishes by length with this step's token
+            if self.kv.allocate(req.request_id, position + 1) is None:
+                return None
+            rows.append(DecodeRow(req, position))
+        return rows or None
 
     # -- update -----------------------------------------------------------------------------
 
