@@ -39,6 +39,10 @@ def machine() -> str:
 
 
 def git_rev() -> str:
+    """The checkout's commit; PDSERVE_GIT_REV overrides it (a copy whose .git is stale or absent,
+    as on the GPU machine)."""
+    if os.environ.get("PDSERVE_GIT_REV"):
+        return os.environ["PDSERVE_GIT_REV"]
     try:
         return subprocess.check_output(
             ["git", "describe", "--always", "--dirty", "--abbrev=7"],
