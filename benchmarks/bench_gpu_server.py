@@ -330,30 +330,39 @@ def main(argv: list[str]) -> int:
     p.add_argument("--hf-keep-pythonpath", action="store_true")
     p.add_argument("--log-dir", default=None, help="server / HF logs (default: a temp dir)")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--also-no-lookahead", action="store_true",
+                   help="also run the server with --no-step-lookahead, side by side")
     a = p.parse_args(argv)
     log_dir = Path(a.log_dir or tempfile.mkdtemp(prefix="bench-gpu-server-"))
     log_dir.mkdir(parents=True, exist_ok=True)
 
     from benchmarks.common import machine, table, write_result
 
-    served: dict[str, Any] | None = None
-    ready_s = 0.0
-    if not a.skip_server:
-        server = Server(server_args(a), log_dir / "server.log")
+    def serve(extra: list[str], log_name: str) -> tuple[dict[str, Any], float]:
+        from benchmarks.loadgen import print_table
+
+        server = Server(server_args(a) + extra, log_dir / log_name)
         try:
-            ready_s = server.wait_ready(a.ready_timeout)
-            print(f"server ready in {ready_s:.0f} s", flush=True)
+            ready = server.wait_ready(a.ready_timeout)
+            print(f"server ready in {ready:.0f} s", flush=True)
             t = time.perf_counter()
             warm = drive(server.base_url, a, 8, a.seed + 1)  # other prompts: no prefix hits
             print(f"warm-up wave: {warm['completed']} ok, {warm['failed']} failed, "
                   f"{time.perf_counter() - t:.1f} s", flush=True)  # fmt: skip
-            served = drive(server.base_url, a, a.output_len, a.seed)
+            result = drive(server.base_url, a, a.output_len, a.seed)
         finally:
             code = server.stop()
             print(f"server stopped ({code}); log {server.log_path}", flush=True)
-        from benchmarks.loadgen import print_table
+        print_table(result, f"pdserve {' '.join(extra)} at concurrency {a.concurrency}")
+        return result, ready
 
-        print_table(served, f"pdserve at concurrency {a.concurrency}")
+    served: dict[str, Any] | None = None
+    served_off: dict[str, Any] | None = None
+    ready_s = 0.0
+    if not a.skip_server:
+        served, ready_s = serve([], "server.log")
+        if a.also_no_lookahead:
+            served_off, _ = serve(["--no-step-lookahead"], "server-no-lookahead.log")
     hf: dict[str, Any] | None = None
     if not a.skip_hf:
         hf = run_hf(a, log_dir / "hf.log")
@@ -368,6 +377,15 @@ def main(argv: list[str]) -> int:
             f"{served['duration_s']:.1f}",
             f"{served['output_throughput']:.0f}",
             f"TTFT p50 {served['ttft_ms']['p50']:.0f} ms, TPOT p50 {served['tpot_ms']['p50']:.1f} ms",
+        ])  # fmt: skip
+    if served_off is not None:
+        rows.append([
+            "pdserve serve --no-step-lookahead",
+            f"{served_off['completed']} ({served_off['failed']} failed)",
+            f"closed loop at {a.concurrency}",
+            f"{served_off['duration_s']:.1f}",
+            f"{served_off['output_throughput']:.0f}",
+            f"TTFT p50 {served_off['ttft_ms']['p50']:.0f} ms, TPOT p50 {served_off['tpot_ms']['p50']:.1f} ms",
         ])  # fmt: skip
     if hf is not None:
         rows.append([
@@ -391,6 +409,9 @@ def main(argv: list[str]) -> int:
             r1 = served["output_throughput"] / hf["batch1_throughput"]
             ratio += f"; pdserve / HF generate batch 1 = {r1:.1f}x"
         ratio += "\n"
+    if served is not None and served_off is not None:
+        r = served["output_throughput"] / served_off["output_throughput"]
+        ratio += f"pdserve step lookahead on / off = {r:.2f}x\n"
     head = (
         f"Model: {a.model} (random bf16 weights N(0, 0.02) on both sides), {a.input_len} prompt "
         f"tokens (random ids) -> {a.output_len} output tokens (ignore_eos / min_new_tokens), "
@@ -406,11 +427,12 @@ def main(argv: list[str]) -> int:
         path = write_result("gpu-server-vs-hf", head + "\n" + out + "\n" + ratio, cmd)
         (log_dir / "gpu-server-vs-hf.json").write_text(
             json.dumps(
-                {"machine": machine(), "server": served, "hf": hf, "args": vars(a)}, indent=2
+                {"machine": machine(), "server": served, "server_no_lookahead": served_off,
+                 "hf": hf, "args": vars(a)}, indent=2
             )
         )
         print(f"wrote {path}")
-    return 0 if served is None or served["failed"] == 0 else 1
+    return 0 if all(r is None or r["failed"] == 0 for r in (served, served_off)) else 1
 
 
 if __name__ == "__main__":
