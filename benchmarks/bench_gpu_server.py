@@ -145,7 +145,8 @@ def shard_main(k: int, spec_json: str, start_at: float) -> int:
     spec = json.loads(spec_json)
     cfg = LoadConfig(**spec["load"])
     prompts, concurrency = _shard_prompts(spec, k)
-    model, results, t0, t1 = asyncio.run(_drive(cfg, prompts, [], concurrency, 0.0, start_at))
+    items = [(p, cfg.output_len, "") for p in prompts]  # loadgen's (prompt, max_tokens, class)
+    model, results, t0, t1 = asyncio.run(_drive(cfg, items, [], concurrency, 0.0, start_at))
     payload = {"model": model, "t0": t0, "t1": t1,
                "results": [dataclasses.asdict(r) for r in results]}  # fmt: skip
     print(SHARD_TAG + json.dumps(payload), flush=True)
