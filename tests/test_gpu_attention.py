@@ -92,10 +92,11 @@ def _plain_reference(meta, cache, layer, q, k, v, hq, hkv, dim):
     return backend.forward(layer, q.float(), k.float(), v.float())
 
 
-@pytest.mark.parametrize("name", ["flashinfer", "triton"])
+@pytest.mark.parametrize("name", ["flashinfer", "flashinfer-cuda-core", "triton"])
 def test_decode_cuda_graph_replay(name, gen):
     """Capture one decode step over static buffers with padded rows (slot -1, dummy block),
-    replay it on two different batches, compare with the reference each time."""
+    replay it on two different batches, compare with the reference each time.
+    flashinfer-cuda-core: the graphs' decode on FlashInfer's CUDA-core kernel."""
     from server.engine.cuda_graphs import CudaGraphRunner, DecodeBatch
 
     hq, hkv, dim, layers, block_size, blocks = 32, 8, 128, 2, 16, 200
@@ -103,7 +104,10 @@ def test_decode_cuda_graph_replay(name, gen):
     cache = random_cache(blocks + 1, layers, block_size, hkv, dim, dtype, DEV, gen)
     dummy = blocks
     rope = RotaryEmbedding(dim, 4096, 500000.0, LLAMA3, dtype).to(DEV)
-    backend = backend_class(name)(cache, hq, hkv, dim)
+    if name == "flashinfer-cuda-core":
+        backend = backend_class("flashinfer")(cache, hq, hkv, dim, cuda_core_decode_max_batch=8)
+    else:
+        backend = backend_class(name)(cache, hq, hkv, dim)
     wq = torch.randn(hq * dim, 64, generator=gen, device=DEV).to(dtype) * 0.1
     wk = torch.randn(hkv * dim, 64, generator=gen, device=DEV).to(dtype) * 0.1
     wv = torch.randn(hkv * dim, 64, generator=gen, device=DEV).to(dtype) * 0.1

@@ -37,8 +37,16 @@ class FlashInferAttentionBackend(AttentionBackend):
         num_kv_heads: int,
         head_dim: int,
         scale: float | None = None,
+        cuda_core_decode_max_batch: int | None = None,
     ) -> None:
         super().__init__(kv_cache, num_heads, num_kv_heads, head_dim, scale)
+        # Decode runs on the tensor cores (FlashInfer's prefill kernel: one JIT module for decode
+        # and prefill), except CUDA-graph batches of up to this many sequences, which use the
+        # CUDA-core decode kernel (a second JIT module). None: env
+        # PDSERVE_FLASHINFER_CUDA_CORE_DECODE_MAX_BATCH, default 0 (never).
+        if cuda_core_decode_max_batch is None:
+            cuda_core_decode_max_batch = int(os.environ.get("PDSERVE_FLASHINFER_CUDA_CORE_DECODE_MAX_BATCH", "0"))
+        self._cuda_core_max_batch = cuda_core_decode_max_batch
         # Imported here: the CPU test suite must never import flashinfer or triton.
         import flashinfer
 
@@ -141,7 +149,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         if wrapper is None:
             dev = self.kv_cache.device
             wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
-                self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                self._workspace, "NHD", use_cuda_graph=True,
+                use_tensor_cores=bs > self._cuda_core_max_batch,
                 paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
                 paged_kv_indices_buffer=torch.zeros(
                     bs * m.block_tables.shape[1], dtype=torch.int32, device=dev
