@@ -1,6 +1,6 @@
 """Triton kernels against the torch references, on fresh random inputs, over shapes and
 dtypes: RMSNorm (+ fused residual), SiLU·mul, RoPE (llama3-scaled tables) fused with the paged
-K/V store into a block-major cache, and the Triton paged attention."""
+K/V store into a block-major cache, the Triton paged attention, and the small-M GEMV."""
 
 from __future__ import annotations
 
@@ -63,6 +63,26 @@ def test_silu_and_mul(dtype, tokens, inter, gen):
     y = silu_and_mul(x)
     assert y.shape == (tokens, inter)
     assert rel_err(y, ops.silu_and_mul_ref(x.double())) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (1000, 576), (33, 200)])
+@pytest.mark.parametrize("config", [(16, 256, 4, 3), (4, 512, 8, 4), (8, 128, 4, 2)])
+def test_gemv(dtype, m, n, k, config, gen):
+    from kernels.triton.gemv import gemv
+
+    x = randn(m, k, dtype=dtype, gen=gen)
+    w = randn(n, k, dtype=dtype, gen=gen, scale=0.05)
+    ref = x.float() @ w.float().T
+    out = gemv(x, w, *config)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    # Row views with a stride (the model's last-token rows) and rejected shapes.
+    wide = randn(m, k + 64, dtype=dtype, gen=gen)
+    assert rel_err(gemv(wide[:, :k], w, *config), wide[:, :k].float() @ w.float().T) < TOL[dtype]
+    with pytest.raises(ValueError):
+        gemv(randn(5, k, dtype=dtype, gen=gen), w)
 
 
 def test_install_routes_cuda_tensors_only(gen):
