@@ -45,8 +45,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ms", default="1,4")
     ap.add_argument("--write-configs", default=None,
-                    help="JSON file of the best config per weight shape at the first M "
-                         "(kernels/gpu_linear.py reads it from env PDSERVE_GEMV_CONFIGS)")
+                    help="JSON file of the best config per weight shape at the first M")
     args = ap.parse_args()
     best_configs: dict[str, list[int]] = {}
     bw = copy_bandwidth()

@@ -1,5 +1,9 @@
 """y = x @ W.T for a handful of rows (decode at small batch): a memory-bound GEMV in Triton.
 
+NOT used by the model: measured against cuBLAS on an H200 it is slower on every 8B-model shape
+(0.72-0.90x at one row, 0.35-0.47x at four; benchmarks/results/2026-12-01-gemv.md). It stays
+as the baseline of that benchmark (benchmarks/bench_gemv.py) for a better kernel to beat.
+
 At M = 1..4 a linear layer streams its weight once and does almost no arithmetic; cuBLAS picks
 split-K GEMM kernels plus a reduction kernel there, which reach ~72% of the device's copy rate
 on the 8B model's qkv and o projections (benchmarks/results/2026-11-22-gpu-llama8b-b1.md). Here

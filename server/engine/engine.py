@@ -96,10 +96,6 @@ class EngineCore:
         loaded = load_model(config.model, self.dtype, self.device, config.max_model_len,
                             progress=config.progress, seed=config.seed)
         self.model = loaded.model
-        if on_cuda:
-            from kernels.gpu_linear import use_small_batch_gemv
-
-            use_small_batch_gemv(self.model)
         if self.device.type == "cpu":
             from kernels import cpu_ops
             from kernels.cpu_linear import pack_linears
