@@ -162,6 +162,8 @@ class KVCacheManager:
         if num_total_tokens < 0:
             raise ValueError(f"num_total_tokens must be non-negative, got {num_total_tokens}")
         req = self._requests.get(request_id)
+        if prefix is None and req is not None and len(req.block_ids) * self.block_size >= num_total_tokens:
+            return []  # already covered: most decode steps
         prefix_ids: list[int] = []
         if prefix is not None and prefix.block_ids:
             if req is not None:

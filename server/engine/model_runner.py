@@ -85,10 +85,15 @@ class ModelRunner:
         for req, n in out.scheduled:
             start = req.num_computed_tokens
             table = self.kv.block_table(req.request_id)
-            input_ids.extend(req.all_token_ids[start : start + n])
-            pos = range(start, start + n)
-            positions.extend(pos)
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            if n == 1:  # a decode: most rows of most steps
+                input_ids.append(req.all_token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(req.all_token_ids[start : start + n])
+                pos = range(start, start + n)
+                positions.extend(pos)
+                slots.extend(table[p // bs] * bs + p % bs for p in pos)
             query_lens.append(n)
             seq_lens.append(start + n)
             starts.append(starts[-1] + n)
