@@ -2,7 +2,8 @@
 decode step while the current one runs (`ModelRunner.prepare_ahead`). The same staggered,
 mixed workload run with lookahead on and off must give the same tokens and logprobs, with the
 prepared steps actually used, and leave the cache clean. The scheduler's prediction itself is
-unit-tested on the CPU (tests/test_scheduler.py, test_lookahead_*)."""
+unit-tested on the CPU (tests/test_scheduler.py, test_lookahead_*), and the runner's matching
+and token gathering run in CI with an eager stand-in for the graphs (tests/test_lookahead_cpu.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from server.engine.engine import EngineConfig, EngineCore
-from server.engine.sampling_params import SamplingParams
+from tests.lookahead_workload import drive
 
 pytestmark = pytest.mark.gpu
 
@@ -22,29 +23,7 @@ def run(step_lookahead: bool, backend: str) -> tuple[dict[str, tuple[list[int], 
         dtype="bfloat16", device="cuda", max_num_seqs=8, attention_backend=backend, progress=False,
         gpu_memory_utilization=0, kv_cache_memory="256MiB", step_lookahead=step_lookahead,
     ))
-    gen = torch.Generator().manual_seed(0)
-    plans = []  # (step at which it arrives, request id, prompt, params)
-    for i in range(14):
-        prompt = torch.randint(100, 40000, (int(torch.randint(3, 60, (1,), generator=gen)),), generator=gen).tolist()
-        kinds = [
-            SamplingParams(max_tokens=24 + 3 * i, temperature=0.0, ignore_eos=True, logprobs=2),
-            SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True),
-            SamplingParams(max_tokens=30, temperature=0.0, repetition_penalty=1.3, min_tokens=5),
-            SamplingParams(max_tokens=1 + i, temperature=0.0),  # stops early, some by EOS
-        ]
-        plans.append((5 * i, f"r{i}", prompt, kinds[i % len(kinds)]))
-    tokens: dict[str, list[int]] = {rid: [] for _, rid, _, _ in plans}
-    logprobs: dict[str, list[float]] = {rid: [] for _, rid, _, _ in plans}
-    step = 0
-    while plans or eng.has_unfinished_requests():
-        while plans and plans[0][0] <= step:
-            _, rid, prompt, params = plans.pop(0)
-            eng.add_request(rid, prompt, params)
-        for o in eng.step():
-            tokens[o.request_id] += o.new_token_ids
-            logprobs[o.request_id] += [lp.logprob for lp in o.new_logprobs or []]
-        step += 1
-    return {rid: (tokens[rid], logprobs[rid]) for rid in tokens}, eng
+    return drive(eng), eng
 
 
 @pytest.mark.parametrize("backend", ["flashinfer", "triton"])
