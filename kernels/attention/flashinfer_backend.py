@@ -43,7 +43,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         # Decode runs on the tensor cores (FlashInfer's prefill kernel: one JIT module for decode
         # and prefill), except CUDA-graph batches of up to this many sequences, which use the
         # CUDA-core decode kernel (a second JIT module). None: env
-        # PDSERVE_FLASHINFER_CUDA_CORE_DECODE_MAX_BATCH, default 0 (never).
+        # PDSERVE_FLASHINFER_CUDA_CORE_DECODE_MAX_BATCH, default 0 (never: slower on an H200 at
+        # every batch and context measured, benchmarks/results/2026-12-01-decode-attention.md).
         if cuda_core_decode_max_batch is None:
             cuda_core_decode_max_batch = int(os.environ.get("PDSERVE_FLASHINFER_CUDA_CORE_DECODE_MAX_BATCH", "0"))
         self._cuda_core_max_batch = cuda_core_decode_max_batch
