@@ -369,25 +369,18 @@ def main(argv: list[str]) -> int:
         hf = run_hf(a, log_dir / "hf.log")
         print(f"HF: {json.dumps(hf)}", flush=True)
 
+    def server_row(label: str, r: dict[str, Any]) -> list[object]:
+        return [
+            label, f"{r['completed']} ({r['failed']} failed)", f"closed loop at {a.concurrency}",
+            f"{r['duration_s']:.1f}", f"{r['output_throughput']:.0f}",
+            f"TTFT p50 {r['ttft_ms']['p50']:.0f} ms, TPOT p50 {r['tpot_ms']['p50']:.1f} ms",
+        ]  # fmt: skip
+
     rows: list[list[object]] = []
     if served is not None:
-        rows.append([
-            f"pdserve serve, {a.client_processes} client processes",
-            f"{served['completed']} ({served['failed']} failed)",
-            f"closed loop at {a.concurrency}",
-            f"{served['duration_s']:.1f}",
-            f"{served['output_throughput']:.0f}",
-            f"TTFT p50 {served['ttft_ms']['p50']:.0f} ms, TPOT p50 {served['tpot_ms']['p50']:.1f} ms",
-        ])  # fmt: skip
+        rows.append(server_row(f"pdserve serve, {a.client_processes} client processes", served))
     if served_off is not None:
-        rows.append([
-            "pdserve serve --no-step-lookahead",
-            f"{served_off['completed']} ({served_off['failed']} failed)",
-            f"closed loop at {a.concurrency}",
-            f"{served_off['duration_s']:.1f}",
-            f"{served_off['output_throughput']:.0f}",
-            f"TTFT p50 {served_off['ttft_ms']['p50']:.0f} ms, TPOT p50 {served_off['tpot_ms']['p50']:.1f} ms",
-        ])  # fmt: skip
+        rows.append(server_row("pdserve serve --no-step-lookahead", served_off))
     if hf is not None:
         rows.append([
             f"HF generate ({hf['attn']}), transformers {hf['transformers']}",
