@@ -1,10 +1,20 @@
-"""Small-M linear layers of a Llama-3.1-8B shape (qkv, o, gate_up, down, lm_head) at M = 1 and 4:
-cuBLAS (torch.nn.functional.linear, what the model runs today) side by side with the Triton
-GEMV of kernels/triton/gemv.py over a sweep of its block sizes, warps and stages; each time
-as a CUDA graph of 32 back-to-back calls (as the decode graph runs them: weights no longer in
-L2) / 32, against the weight bytes at the D2D copy rate measured in the same run.
+"""Batch-1 decode linears of a Llama-3.1-8B shape, as the model runs them, side by side:
 
-    python benchmarks/bench_gemv.py [--ms 1,2,4]
+- unfused: what the model runs at batch > 1 (cuBLAS `F.linear` plus the Triton norm / SiLU·mul
+  kernels and the residual add the fused kernel takes in): qkv = add+RMSNorm then linear,
+  o = linear (its residual add is the next norm's), gate_up = add+RMSNorm then linear,
+  down = SiLU·mul then linear;
+- fused: the one-row Triton GEMV of kernels/triton/gemv.py with that work inside
+  (norm prologue for qkv and gate_up, residual epilogue for o, SiLU prologue + residual
+  epilogue for down), best of a sweep of BLOCK_N / BLOCK_K / warps per shape;
+- plain: the same GEMV with no prologue or epilogue against plain cuBLAS, to see the GEMV
+  itself.
+
+Each time is a CUDA graph of 32 back-to-back calls over 32 distinct weights (as the decode
+graph streams them from HBM, not from L2) / 32, against the weight bytes at the D2D copy rate
+measured in the same run.
+
+    python benchmarks/bench_gemv.py [--quick]
 """
 
 from __future__ import annotations
@@ -21,8 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_gpu import copy_bandwidth  # noqa: E402
 from benchmarks.common import table, write_result  # noqa: E402
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
-          "lm_head": (128256, 4096)}  # fmt: skip
+# layer: (N, K, fusion)
+LAYERS = {"qkv": (6144, 4096, "norm"), "o": (4096, 4096, "residual"),
+          "gate_up": (28672, 4096, "norm"), "down": (4096, 14336, "silu+residual")}  # fmt: skip
 CALLS = 32
 
 
@@ -40,62 +51,89 @@ def graph_us(fn) -> float:
 
 @torch.inference_mode()
 def main() -> int:
+    from kernels import ops
     from kernels.triton.gemv import gemv
+    from kernels.triton.rms_norm import add_rms_norm
+    from kernels.triton.silu_mul import silu_and_mul
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ms", default="1,4")
-    ap.add_argument("--write-configs", default=None,
-                    help="JSON file of the best config per weight shape at the first M")
+    ap.add_argument("--quick", action="store_true", help="a smaller config sweep")
     args = ap.parse_args()
-    best_configs: dict[str, list[int]] = {}
     bw = copy_bandwidth()
     torch.cuda.empty_cache()
-    configs = list(itertools.product((4, 8, 16), (256, 512), (4, 8), (3, 4)))
-    rows = []
-    for name, (n, k) in SHAPES.items():
-        # CALLS distinct weights (lm_head: 4), so each call streams its weight from HBM.
-        count = 4 if name == "lm_head" else CALLS
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
+    bns, bks, warps = ((4, 8), (512, 1024), (4,)) if args.quick else ((2, 4, 8, 16), (512, 1024, 2048), (4, 8))
+    # at most 8192 float32 accumulators a program (64 a thread at 4 warps): more spills
+    configs = [c for c in itertools.product(bns, bks, warps) if c[0] * c[1] <= 8192]
+    dt = torch.bfloat16
+    rows, best_configs = [], {}
+    for name, (n, k, fusion) in LAYERS.items():
+        ws = [torch.randn(n, k, device="cuda", dtype=dt) * 0.02 for _ in range(CALLS)]
         floor = n * k * 2 / bw * 1e6
-        for m in map(int, args.ms.split(",")):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            it = itertools.cycle(ws)
-            ref = torch.nn.functional.linear(x, ws[0])
-            cublas = graph_us(lambda: torch.nn.functional.linear(x, next(it)))  # noqa: B023
-            best = None
-            for bn, bk, nw, ns in configs:
-                try:
-                    err = (gemv(x, ws[0], bn, bk, nw, ns).float() - ref.float()).abs().max().item()
-                    it = itertools.cycle(ws)
-                    us = graph_us(lambda: gemv(x, next(it), bn, bk, nw, ns))  # noqa: B023
-                except Exception as e:  # a config Triton cannot build (registers, shared memory)
-                    print(f"  {name} m={m} {bn}/{bk}/{nw}/{ns}: {type(e).__name__}", flush=True)
-                    continue
-                if best is None or us < best[0]:
-                    best = (us, (bn, bk, nw, ns), err)
-            assert best is not None
-            best_configs.setdefault(f"{n}x{k}", list(best[1]))
-            rows.append([
-                name, m, f"{n}x{k}", f"{cublas:.1f}", f"{100 * floor / cublas:.0f}%",
-                f"{best[0]:.1f}", f"{100 * floor / best[0]:.0f}%", "/".join(map(str, best[1])),
-                f"{best[2]:.2g}", f"{cublas / best[0]:.2f}x",
-            ])  # fmt: skip
-            print(table(["layer", "M", "N x K", "cuBLAS us", "of copy rate", "Triton us",
-                         "of copy rate", "BN/BK/warps/stages", "max |diff|", "Triton speed-up"],
-                        rows[-1:]), flush=True)  # fmt: skip
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(1, 2 * k if "silu" in fusion else k, device="cuda", dtype=dt, generator=gen)
+        res_in = torch.randn(1, k, device="cuda", dtype=dt, generator=gen)  # the pending residual (norm cases)
+        nw = torch.randn(k, device="cuda", dtype=dt, generator=gen) * 0.1 + 1
+        res_out = torch.randn(1, n, device="cuda", dtype=dt, generator=gen)
+        kw = {}
+        if fusion == "norm":
+            kw = dict(norm_weight=nw, eps=1e-5)
+        elif fusion == "silu+residual":
+            kw = dict(silu=True, residual=res_out)
+        elif fusion == "residual":
+            kw = dict(residual=res_out)
+
+        def unfused(w, x=x, fusion=fusion, res_in=res_in, nw=nw):
+            if fusion == "norm":
+                h, _ = add_rms_norm(x, res_in, nw, 1e-5)
+                return torch.nn.functional.linear(h, w)
+            if fusion == "silu+residual":
+                return torch.nn.functional.linear(silu_and_mul(x), w)
+            return torch.nn.functional.linear(x, w)
+
+        it = itertools.cycle(ws)
+        t_unfused = graph_us(lambda: unfused(next(it)))  # noqa: B023
+        it = itertools.cycle(ws)
+        t_cublas = graph_us(lambda: torch.nn.functional.linear(x[:, :k], next(it)))  # noqa: B023
+        # the fused kernel's input for the norm case is the summed residual stream
+        xin = x
+        ref = ops.fused_linear_ref(xin.double(), ws[0].double(), **{a: v.double() if torch.is_tensor(v) else v for a, v in kw.items()})
+        best = None
+        for cfg in configs:
+            try:
+                err = ((gemv(xin, ws[0], config=cfg, **kw).double() - ref).norm() / ref.norm()).item()
+                it = itertools.cycle(ws)
+                us = graph_us(lambda: gemv(xin, next(it), config=cfg, **kw))  # noqa: B023
+            except Exception as e:  # a config Triton cannot build (registers, shared memory)
+                print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+                continue
+            print(f"  {name} {cfg}: {us:.1f} us ({100 * floor / us:.0f}% of copy rate)", flush=True)
+            if best is None or us < best[0]:
+                best = (us, cfg, err)
+        assert best is not None
+        it = itertools.cycle(ws)
+        t_plain = graph_us(lambda: gemv(x[:, :k], next(it), config=best[1]))  # noqa: B023
+        best_configs[(n, k, fusion)] = best[1]
+        rows.append([
+            name, f"{n}x{k}", fusion,
+            f"{t_unfused:.1f}", f"{best[0]:.1f}", f"{t_unfused / best[0]:.2f}x",
+            f"{t_cublas:.1f} ({100 * floor / t_cublas:.0f}%)", f"{t_plain:.1f} ({100 * floor / t_plain:.0f}%)",
+            "/".join(map(str, best[1])), f"{best[2]:.1e}",
+        ])  # fmt: skip
         del ws
         torch.cuda.empty_cache()
-    out = table(["layer", "M", "N x K", "cuBLAS us", "of copy rate", "Triton us", "of copy rate",
-                 "BN/BK/warps/stages", "max |diff|", "Triton speed-up"], rows)  # fmt: skip
-    head = f"D2D copy {bw / 1e12:.2f} TB/s (read+write) measured in this run; bf16 weights.\n"
+    header = ["layer", "N x K", "fused in", "unfused us", "fused us", "fused speed-up",
+              "cuBLAS plain us (of copy rate)", "Triton plain us (of copy rate)",
+              "BN/BK/warps", "rel err"]  # fmt: skip
+    out = table(header, rows)
+    total_u = sum(float(r[3]) for r in rows)
+    total_f = sum(float(r[4]) for r in rows)
+    out += (f"\n\nPer layer: unfused {total_u:.1f} us, fused {total_f:.1f} us ({total_u / total_f:.2f}x); "
+            f"x32 layers: {32 * (total_u - total_f) / 1e3:.2f} ms saved per token.\n"
+            f"Best configs: {best_configs}\n")  # fmt: skip
+    head = f"D2D copy {bw / 1e12:.2f} TB/s (read+write) measured in this run; bf16, one row.\n"
     print(head + out)
     cmd = "python benchmarks/bench_gemv.py " + " ".join(sys.argv[1:])
     print(f"wrote {write_result('gemv', head + chr(10) + out, cmd)}")
-    if args.write_configs:
-        import json
-
-        with open(args.write_configs, "w") as f:
-            json.dump(best_configs, f)
     return 0
 
 

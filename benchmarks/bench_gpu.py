@@ -12,7 +12,8 @@ Steps are timed end to end (scheduler, metadata, plan, CUDA-graph replay or eage
 logits, sampler: each step ends with the sampler's device->host copy, so host wall time between
 steps is device time plus host overhead); medians. Decode steps are timed twice on the same
 engine and requests, step lookahead off and then on (the engine staging the next step while
-the current one runs; the default). Ceilings use triton.testing.do_bench
+the current one runs; the default); batch 1 also with the fused one-row linears
+(kernels/triton/gemv.py, the default) off, graphs recaptured. Ceilings use triton.testing.do_bench
 medians (CUDA events). Prefix caching is off so every prompt is computed.
 """
 
@@ -74,6 +75,17 @@ def decode_off_on(engine: EngineCore, steps: int) -> tuple[float, float]:
         timed_steps(engine, 5)
         medians.append(statistics.median(timed_steps(engine, steps)))
     return medians[0], medians[1]
+
+
+def set_fused_linears(engine: EngineCore, on: bool) -> None:
+    """Batch-1 layers as fused Triton GEMVs (the default) or as cuBLAS linears plus the norm /
+    SiLU kernels; recaptures the decode graphs, which bake the choice in."""
+    import kernels.triton as kt
+    from kernels import ops
+
+    ops.set_impl(fuses_linears=kt.one_cuda_row if on else ops.never)
+    engine.runner._ahead = None  # a staged step would be overwritten by the capture
+    engine.runner.cuda_graphs.recapture()
 
 
 def add(
@@ -285,10 +297,12 @@ def main() -> int:
     if graphs is not None:
         from triton.testing import do_bench
 
-        g1 = graphs._graphs[1][0]
-        ms = do_bench(g1.replay, warmup=20, rep=200, return_mode="median")
+        from kernels import ops
+
+        fused_default = ops.fuses_linears is not ops.never
         # The graph holds the 32 layers; lm_head runs after it (with the sampler).
         layers_roof = (weight_bytes - params["lm_head.weight"]) / bw
+        ms = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
         rows.append(
             [
                 "  graph replay alone (layers, no lm_head)",
@@ -297,6 +311,31 @@ def main() -> int:
                 f"{ms * 1e-3 / layers_roof:.2f}x roofline",
             ]
         )
+        if fused_default:
+            set_fused_linears(engine, False)
+            timed_steps(engine, 5)
+            tpot_unfused = statistics.median(timed_steps(engine, args.steps))
+            ms_unfused = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
+            set_fused_linears(engine, True)
+            timed_steps(engine, 5)
+            tpot_fused = statistics.median(timed_steps(engine, args.steps))
+            rows.append(
+                [
+                    "  same, fused linears off (cuBLAS + norm/SiLU kernels)",
+                    f"{tpot_unfused * 1e3:.2f} ms",
+                    f"fused on, timed again: {tpot_fused * 1e3:.2f} ms",
+                    f"{tpot_unfused / roof:.2f}x roofline; fused is {tpot_unfused / tpot_fused:.2f}x faster",
+                ]
+            )
+            rows.append(
+                [
+                    "  graph replay, fused linears off",
+                    f"{ms_unfused:.2f} ms",
+                    f"fused on: {ms:.2f} ms",
+                    f"{ms_unfused * 1e-3 / layers_roof:.2f}x roofline; fused is {ms_unfused / ms:.2f}x faster",
+                ]
+            )
+        g1 = graphs._graphs[1][0]
         breakdowns[1] = phase_breakdown(engine, 20)
         if args.profile_replays:
             profile_md, prof = profile_replays(g1, args.profile_replays)

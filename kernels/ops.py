@@ -32,15 +32,46 @@ def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def fused_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    silu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A linear layer with its neighbours: linear(pre(x), weight, bias) [+ residual], where pre
+    is rms_norm(x) * norm_weight, silu(gate) * up (x = gate | up) or nothing."""
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, eps)
+    elif silu:
+        x = silu_and_mul_ref(x)
+    y = F.linear(x, weight, bias)
+    return y if residual is None else y + residual
+
+
 rms_norm = rms_norm_ref
 add_rms_norm = add_rms_norm_ref
 silu_and_mul = silu_and_mul_ref
+fused_linear = fused_linear_ref
+
+
+def never(x: torch.Tensor) -> bool:
+    return False
+
+
+# fuses_linears(hidden [T, H]) -> whether the model runs this batch's layers as fused linears
+# (one kernel per linear, norms / SiLU / residual adds inside): installed with the fast
+# implementation for the batches it serves (one token on CUDA).
+fuses_linears = never
 
 
 def set_impl(**impls) -> None:
     """Replace op implementations, e.g. `set_impl(rms_norm=triton_rms_norm)`."""
     g = globals()
     for name, fn in impls.items():
-        if name not in ("rms_norm", "add_rms_norm", "silu_and_mul"):
+        if name not in ("rms_norm", "add_rms_norm", "silu_and_mul", "fused_linear", "fuses_linears"):
             raise KeyError(f"unknown op {name!r}")
         g[name] = fn

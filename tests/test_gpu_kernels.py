@@ -1,6 +1,6 @@
 """Triton kernels against the torch references, on fresh random inputs, over shapes and
 dtypes: RMSNorm (+ fused residual), SiLU·mul, RoPE (llama3-scaled tables) fused with the paged
-K/V store into a block-major cache, the Triton paged attention, and the small-M GEMV."""
+K/V store into a block-major cache, the Triton paged attention, and the one-row fused GEMV."""
 
 from __future__ import annotations
 
@@ -65,24 +65,40 @@ def test_silu_and_mul(dtype, tokens, inter, gen):
     assert rel_err(y, ops.silu_and_mul_ref(x.double())) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+GEMV_CASES = [(dtype, fuse, None) for dtype in (torch.bfloat16, torch.float16)
+              for fuse in ("plain", "bias", "norm", "norm+bias", "silu+residual", "residual")]
+GEMV_CASES += [(torch.bfloat16, fuse, config) for fuse in ("norm+bias", "silu+residual")
+               for config in ((16, 256, 4), (2, 1024, 8))]
+
+
 @pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (1000, 576), (33, 200)])
-@pytest.mark.parametrize("config", [(16, 256, 4, 3), (4, 512, 8, 4), (8, 128, 4, 2)])
-def test_gemv(dtype, m, n, k, config, gen):
+@pytest.mark.parametrize(("dtype", "fuse", "config"), GEMV_CASES)
+def test_gemv(dtype, n, k, fuse, config, gen):
+    """The one-row fused linear against `ops.fused_linear_ref` in float64."""
     from kernels.triton.gemv import gemv
 
-    x = randn(m, k, dtype=dtype, gen=gen)
     w = randn(n, k, dtype=dtype, gen=gen, scale=0.05)
-    ref = x.float() @ w.float().T
-    out = gemv(x, w, *config)
-    assert out.shape == (m, n) and out.dtype == dtype
+    x = randn(1, 2 * k if "silu" in fuse else k, dtype=dtype, gen=gen, scale=2.0)
+    kw = {}
+    if "norm" in fuse:
+        kw.update(norm_weight=randn(k, dtype=dtype, gen=gen, scale=0.3) + 1, eps=1e-5)
+    if "silu" in fuse:
+        kw["silu"] = True
+    if "residual" in fuse:
+        kw["residual"] = randn(1, n, dtype=dtype, gen=gen)
+    bias = randn(n, dtype=dtype, gen=gen) if "bias" in fuse else None
+    poison_allocator(DEV)
+    out = gemv(x, w, bias, config=config, **kw)
+    assert out.shape == (1, n) and out.dtype == dtype
+    ref = ops.fused_linear_ref(x.double(), w.double(), None if bias is None else bias.double(),
+                               **{a: v.double() if torch.is_tensor(v) else v for a, v in kw.items()})
     assert rel_err(out, ref) < TOL[dtype]
-    # Row views with a stride (the model's last-token rows) and rejected shapes.
-    wide = randn(m, k + 64, dtype=dtype, gen=gen)
-    assert rel_err(gemv(wide[:, :k], w, *config), wide[:, :k].float() @ w.float().T) < TOL[dtype]
+    # A row view with a stride (the model's last-token rows), and rejected shapes.
+    wide = randn(2, x.shape[1] + 64, dtype=dtype, gen=gen)
+    view = wide[1:, : x.shape[1]]
+    assert rel_err(gemv(view, w, bias, config=config, **kw), ops.fused_linear_ref(view, w, bias, **kw)) < TOL[dtype]
     with pytest.raises(ValueError):
-        gemv(randn(5, k, dtype=dtype, gen=gen), w)
+        gemv(randn(2, x.shape[1], dtype=dtype, gen=gen), w, bias, **kw)
 
 
 def test_install_routes_cuda_tensors_only(gen):

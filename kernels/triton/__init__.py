@@ -1,16 +1,21 @@
 """Triton kernels for CUDA devices, one file per kernel. Importing this package imports
 triton: only code that has checked for CUDA and Triton (`kernels.capabilities`) imports it.
 
-`install()` routes `kernels.ops` (RMSNorm with fused residual add, SiLU·mul) to these kernels for
-CUDA tensors; tensors on other devices still take the torch references, so a CPU model in the
-same process is unaffected.
+`install()` routes `kernels.ops` (RMSNorm with fused residual add, SiLU·mul, the one-row fused
+linear) to these kernels for CUDA tensors; tensors on other devices still take the torch
+references, so a CPU model in the same process is unaffected. One-token batches (decode at
+batch 1) run the model's linears fused with their norms / SiLU / residual adds
+(`kernels/triton/gemv.py`); PDSERVE_FUSED_GEMV=0 turns that off.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels import ops
+from kernels.triton.gemv import gemv as _gemv
 from kernels.triton.rms_norm import add_rms_norm as _add_rms_norm
 from kernels.triton.rms_norm import rms_norm as _rms_norm
 from kernels.triton.silu_mul import silu_and_mul as _silu_and_mul
@@ -36,16 +41,33 @@ def _silu_and_mul_dispatch(gate_up: torch.Tensor) -> torch.Tensor:
     return ops.silu_and_mul_ref(gate_up)
 
 
+def _fused_linear_dispatch(x: torch.Tensor, weight: torch.Tensor, bias=None, **fused) -> torch.Tensor:
+    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
+        return _gemv(x, weight, bias, **fused)
+    return ops.fused_linear_ref(x, weight, bias, **fused)
+
+
+def one_cuda_row(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.shape[0] == 1
+
+
+def fused_gemv_enabled() -> bool:
+    return os.environ.get("PDSERVE_FUSED_GEMV", "1") != "0"
+
+
 def install() -> None:
     """Make `kernels.ops` use the Triton kernels for CUDA tensors (idempotent)."""
     ops.set_impl(
         rms_norm=_rms_norm_dispatch,
         add_rms_norm=_add_rms_norm_dispatch,
         silu_and_mul=_silu_and_mul_dispatch,
+        fused_linear=_fused_linear_dispatch,
+        fuses_linears=one_cuda_row if fused_gemv_enabled() else ops.never,
     )
 
 
 def uninstall() -> None:
     """Back to the torch references (tests use this to compare both paths in one process)."""
     ops.set_impl(rms_norm=ops.rms_norm_ref, add_rms_norm=ops.add_rms_norm_ref,
-                 silu_and_mul=ops.silu_and_mul_ref)
+                 silu_and_mul=ops.silu_and_mul_ref, fused_linear=ops.fused_linear_ref,
+                 fuses_linears=ops.never)

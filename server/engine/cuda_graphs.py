@@ -174,6 +174,15 @@ class CudaGraphRunner:
                  len(self._graphs), ",".join(map(str, self.sizes)), time.perf_counter() - t0,
                  used / 2**20)
 
+    def recapture(self) -> None:
+        """Drop every graph and capture again (after a kernel choice the graphs baked in, such
+        as `kernels.ops.fuses_linears`, changed). Nothing may be staged across this."""
+        self._graphs.clear()
+        self._pool = None
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        self.capture()
+
     @torch.inference_mode()
     def stage(
         self, batch: DecodeBatch, tokens: tuple[torch.Tensor, list[int]] | None = None

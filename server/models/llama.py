@@ -60,6 +60,8 @@ class DecoderLayer(nn.Module):
         """Pre-norm block with the residual carried separately (x, residual) so each norm
         fuses the preceding add: the hidden state is read once per norm, not twice."""
         t = x.shape[0]
+        if ops.fuses_linears(x):
+            return self._forward_fused(x, residual, positions, rope, attn)
         h, residual = self.input_layernorm(x, residual)
         qkv = self.qkv_proj(h)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -70,6 +72,32 @@ class DecoderLayer(nn.Module):
         x = self.o_proj(attn.forward_rope(self.layer_id, q, k, v, positions, rope))
         h, residual = self.post_attention_layernorm(x, residual)
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(h))), residual
+
+    def _forward_fused(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        attn: AttentionBackend,
+    ) -> tuple[torch.Tensor, None]:
+        """Small batches (decode at batch 1): the same block as four fused linears. The norms
+        run inside the qkv and gate|up linears, SiLU·mul inside down, and the residual adds
+        after o and down, so the layer returns the summed hidden state and no residual (the
+        next layer's norm of (s, None) is norm(s), as in `forward`)."""
+        t = x.shape[0]
+        s = x if residual is None else x + residual
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = ops.fused_linear(s, self.qkv_proj.weight, self.qkv_proj.bias,
+                               norm_weight=ln1.weight, eps=ln1.eps)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        a = attn.forward_rope(self.layer_id, q, k, v, positions, rope).reshape(t, -1)
+        s = ops.fused_linear(a, self.o_proj.weight, residual=s)
+        gate_up = ops.fused_linear(s, self.gate_up_proj.weight, norm_weight=ln2.weight, eps=ln2.eps)
+        return ops.fused_linear(gate_up, self.down_proj.weight, silu=True, residual=s), None
 
 
 class LlamaForCausalLM(nn.Module):
