@@ -39,16 +39,17 @@ def fused_linear_ref(
     *,
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
-    silu: bool = False,
+    silu_mul: bool = False,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A linear layer with its neighbours: linear(pre(x), weight, bias) [+ residual], where pre
-    is rms_norm(x) * norm_weight, silu(gate) * up (x = gate | up) or nothing."""
+    """A linear layer with its neighbours: act(linear(pre(x), weight, bias)) [+ residual], where
+    pre is rms_norm(x) * norm_weight or nothing, act is silu(gate) * up over the output
+    (weight = gate | up) or nothing."""
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, eps)
-    elif silu:
-        x = silu_and_mul_ref(x)
     y = F.linear(x, weight, bias)
+    if silu_mul:
+        y = silu_and_mul_ref(y)
     return y if residual is None else y + residual
 
 

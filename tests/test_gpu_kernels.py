@@ -66,8 +66,8 @@ def test_silu_and_mul(dtype, tokens, inter, gen):
 
 
 GEMV_CASES = [(dtype, fuse, None) for dtype in (torch.bfloat16, torch.float16)
-              for fuse in ("plain", "bias", "norm", "norm+bias", "silu+residual", "residual")]
-GEMV_CASES += [(torch.bfloat16, fuse, config) for fuse in ("norm+bias", "silu+residual")
+              for fuse in ("plain", "bias", "norm", "norm+bias", "norm+silu", "silu", "residual")]
+GEMV_CASES += [(torch.bfloat16, fuse, config) for fuse in ("norm+bias", "norm+silu", "bias+residual")
                for config in ((16, 256, 4), (2, 1024, 8))]
 
 
@@ -78,12 +78,13 @@ def test_gemv(dtype, n, k, fuse, config, gen):
     from kernels.triton.gemv import gemv
 
     w = randn(n, k, dtype=dtype, gen=gen, scale=0.05)
-    x = randn(1, 2 * k if "silu" in fuse else k, dtype=dtype, gen=gen, scale=2.0)
+    x = randn(1, k, dtype=dtype, gen=gen, scale=2.0)
     kw = {}
     if "norm" in fuse:
         kw.update(norm_weight=randn(k, dtype=dtype, gen=gen, scale=0.3) + 1, eps=1e-5)
     if "silu" in fuse:
-        kw["silu"] = True
+        kw["silu_mul"] = True
+        w = torch.cat([w, randn(n, k, dtype=dtype, gen=gen, scale=0.05)])  # gate | up
     if "residual" in fuse:
         kw["residual"] = randn(1, n, dtype=dtype, gen=gen)
     bias = randn(n, dtype=dtype, gen=gen) if "bias" in fuse else None
@@ -94,11 +95,11 @@ def test_gemv(dtype, n, k, fuse, config, gen):
                                **{a: v.double() if torch.is_tensor(v) else v for a, v in kw.items()})
     assert rel_err(out, ref) < TOL[dtype]
     # A row view with a stride (the model's last-token rows), and rejected shapes.
-    wide = randn(2, x.shape[1] + 64, dtype=dtype, gen=gen)
-    view = wide[1:, : x.shape[1]]
+    wide = randn(2, k + 64, dtype=dtype, gen=gen)
+    view = wide[1:, :k]
     assert rel_err(gemv(view, w, bias, config=config, **kw), ops.fused_linear_ref(view, w, bias, **kw)) < TOL[dtype]
     with pytest.raises(ValueError):
-        gemv(randn(2, x.shape[1], dtype=dtype, gen=gen), w, bias, **kw)
+        gemv(randn(2, k, dtype=dtype, gen=gen), w, bias, **kw)
 
 
 def test_install_routes_cuda_tensors_only(gen):

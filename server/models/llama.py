@@ -82,7 +82,7 @@ class DecoderLayer(nn.Module):
         attn: AttentionBackend,
     ) -> tuple[torch.Tensor, None]:
         """Small batches (decode at batch 1): the same block as four fused linears. The norms
-        run inside the qkv and gate|up linears, SiLU·mul inside down, and the residual adds
+        run inside the qkv and gate|up linears, SiLU·mul after gate|up, and the residual adds
         after o and down, so the layer returns the summed hidden state and no residual (the
         next layer's norm of (s, None) is norm(s), as in `forward`)."""
         t = x.shape[0]
@@ -96,8 +96,9 @@ class DecoderLayer(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         a = attn.forward_rope(self.layer_id, q, k, v, positions, rope).reshape(t, -1)
         s = ops.fused_linear(a, self.o_proj.weight, residual=s)
-        gate_up = ops.fused_linear(s, self.gate_up_proj.weight, norm_weight=ln2.weight, eps=ln2.eps)
-        return ops.fused_linear(gate_up, self.down_proj.weight, silu=True, residual=s), None
+        act = ops.fused_linear(s, self.gate_up_proj.weight, norm_weight=ln2.weight, eps=ln2.eps,
+                               silu_mul=True)
+        return ops.fused_linear(act, self.down_proj.weight, residual=s), None
 
 
 class LlamaForCausalLM(nn.Module):
