@@ -77,12 +77,15 @@ def decode_off_on(engine: EngineCore, steps: int) -> tuple[float, float]:
     return medians[0], medians[1]
 
 
-def set_fused_linears(engine: EngineCore, on: bool) -> None:
-    """Batch-1 layers as fused Triton GEMVs (the default) or as cuBLAS linears plus the norm /
-    SiLU kernels; recaptures the decode graphs, which bake the choice in."""
+def set_fused_linears(engine: EngineCore, on: bool, pdl: bool = True) -> None:
+    """Batch-1 layers as fused Triton GEMVs (the default; launched with programmatic dependent
+    launch unless pdl=False) or as cuBLAS linears plus the norm / SiLU kernels; recaptures the
+    decode graphs, which bake the choice in."""
     import kernels.triton as kt
+    import kernels.triton.gemv as gemv
     from kernels import ops
 
+    gemv.USE_PDL = pdl and gemv._pdl_default()
     ops.set_impl(fuses_linears=kt.one_cuda_row if on else ops.never)
     engine.runner._ahead = None  # a staged step would be overwritten by the capture
     engine.runner.cuda_graphs.recapture()
@@ -316,6 +319,10 @@ def main() -> int:
             timed_steps(engine, 5)
             tpot_unfused = statistics.median(timed_steps(engine, args.steps))
             ms_unfused = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
+            set_fused_linears(engine, True, pdl=False)
+            timed_steps(engine, 5)
+            tpot_no_pdl = statistics.median(timed_steps(engine, args.steps))
+            ms_no_pdl = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
             set_fused_linears(engine, True)
             timed_steps(engine, 5)
             tpot_fused = statistics.median(timed_steps(engine, args.steps))
@@ -325,6 +332,14 @@ def main() -> int:
                     f"{tpot_unfused * 1e3:.2f} ms",
                     f"fused on, timed again: {tpot_fused * 1e3:.2f} ms",
                     f"{tpot_unfused / roof:.2f}x roofline; fused is {tpot_unfused / tpot_fused:.2f}x faster",
+                ]
+            )
+            rows.append(
+                [
+                    "  same, fused linears without PDL",
+                    f"{tpot_no_pdl * 1e3:.2f} ms (graph {ms_no_pdl:.2f} ms)",
+                    f"with PDL: {tpot_fused * 1e3:.2f} ms (graph {ms:.2f} ms)",
+                    f"PDL is {tpot_no_pdl / tpot_fused:.2f}x faster (graph {ms_no_pdl / ms:.2f}x)",
                 ]
             )
             rows.append(

@@ -22,9 +22,12 @@ recomputed by every program from the activation row, which stays in L2 (8 KB at 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -33,9 +36,17 @@ def _gemv_kernel(
     N, stride_wn, eps,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """N output columns; with GATED the weight has 2N rows (gate | up) and each program
-    accumulates its gate rows and the matching up rows side by side."""
+    accumulates its gate rows and the matching up rows side by side.
+
+    PDL (launched with programmatic dependent launch, sm90+): the kernel lets the next one
+    start as soon as all its programs are running, and loads its own first weight tile before
+    waiting for the previous kernel (weights do not depend on it; x and residual do), so one
+    GEMV's ramp-up overlaps the tail of the one before."""
+    if PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
@@ -44,6 +55,14 @@ def _gemv_kernel(
     NUM_K: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = K % BLOCK_K == 0
     dt = Y.dtype.element_ty
+    rk0 = tl.arange(0, BLOCK_K)
+    w_mask0 = n_ok[:, None] if EVEN_K else n_ok[:, None] & (rk0 < K)[None, :]
+    w_first = tl.load(w_rows + rk0[None, :], mask=w_mask0, other=0.0)
+    up_first = w_first
+    if GATED:
+        up_first = tl.load(up_rows + rk0[None, :], mask=w_mask0, other=0.0)
+    if PDL:
+        gdc_wait()  # everything the previous kernels wrote (x, residual) is visible from here
     rstd = 0.0
     if NORM:
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -57,10 +76,15 @@ def _gemv_kernel(
     for i in tl.static_range(NUM_K):
         rk = i * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = rk < K
-        w_mask = n_ok[:, None] if EVEN_K else n_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_rows + rk[None, :], mask=w_mask, other=0.0)
-        if GATED:
-            w_up = tl.load(up_rows + rk[None, :], mask=w_mask, other=0.0)
+        if i == 0:
+            w = w_first
+            w_up = up_first
+        else:
+            w_mask = n_ok[:, None] if EVEN_K else n_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_rows + rk[None, :], mask=w_mask, other=0.0)
+            w_up = w
+            if GATED:
+                w_up = tl.load(up_rows + rk[None, :], mask=w_mask, other=0.0)
         xs = tl.load(X + rk, mask=k_ok, other=0.0).to(tl.float32)
         if NORM:
             g = tl.load(NW + rk, mask=k_ok, other=0.0).to(tl.float32)
@@ -90,6 +114,16 @@ CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (14336, 4096): (2, 2048, 4),  # gated: 2 gate + 2 up rows a program
     (4096, 14336): (2, 2048, 4),
 }
+
+
+def _pdl_default() -> bool:
+    """Programmatic dependent launch on sm90+ unless PDSERVE_GEMV_PDL=0."""
+    if os.environ.get("PDSERVE_GEMV_PDL", "1") == "0" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability()[0] >= 9
+
+
+USE_PDL: bool | None = None  # None: decided at the first launch (_pdl_default); benchmarks set it
 
 
 def config_for(n: int, k: int, gated: bool) -> tuple[int, int, int]:
@@ -126,6 +160,10 @@ def gemv(
     if residual is not None and (tuple(residual.shape) != (1, n) or residual.stride(1) != 1):
         raise ValueError(f"residual must be [1, {n}] with unit stride, got {tuple(residual.shape)}")
     bn, bk, warps = config or config_for(n, k, silu_mul)
+    global USE_PDL
+    if USE_PDL is None:
+        USE_PDL = _pdl_default()
+    pdl = USE_PDL and x.is_cuda
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, weight, y,
@@ -133,6 +171,7 @@ def gemv(
         residual if residual is not None else y,
         n, weight.stride(0), eps,
         K=k, BLOCK_N=bn, BLOCK_K=bk, NORM=norm_weight is not None, GATED=silu_mul,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, num_warps=warps,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, PDL=pdl, num_warps=warps,
+        launch_pdl=pdl,
     )  # fmt: skip
     return y
