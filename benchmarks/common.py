@@ -70,6 +70,10 @@ def write_result(name: str, body: str, command: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     today = _dt.date.today().isoformat()
     path = RESULTS / f"{today}-{name}.md"
+    run = 2
+    while path.exists():  # an earlier run of the same day stays as it is
+        path = RESULTS / f"{today}-{name}-{run}.md"
+        run += 1
     path.write_text(
         f"# {name} ({today})\n\nMachine: {machine()}\nCommit: {git_rev()}\nCommand: `{command}`\n\n"
         f"{body}\n"
