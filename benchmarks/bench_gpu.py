@@ -273,7 +273,7 @@ def main() -> int:
     rows: list[list[object]] = []
 
     # (a) batch-1 decode
-    add(engine, "b1", 1, 128, 2 * args.steps + 100, gen)
+    add(engine, "b1", 1, 128, 8 * args.steps + 200, gen)
     prefill_all(engine)
     timed_steps(engine, 5)
     tpot_off, tpot = decode_off_on(engine, args.steps)

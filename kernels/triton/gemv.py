@@ -111,7 +111,7 @@ def _gemv_kernel(
 CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (6144, 4096): (4, 2048, 4),
     (4096, 4096): (8, 1024, 4),
-    (14336, 4096): (4, 2048, 4),  # gated: 4 gate + 4 up rows a program
+    (14336, 4096): (2, 2048, 4),  # gated: 2 gate + 2 up rows a program
     (4096, 14336): (2, 2048, 4),
 }
 
