@@ -102,6 +102,42 @@ def test_gemv(dtype, n, k, fuse, config, gen):
         gemv(randn(2, k, dtype=dtype, gen=gen), w, bias, **kw)
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs sm90+")
+def test_gemv_chain_with_pdl(gen):
+    """The opt-in PDL launch: a chain of GEMVs, each reading the previous one's output (and a
+    residual two kernels back), inside a CUDA graph, equals the chain without PDL."""
+    import kernels.triton.gemv as g
+
+    k = 4096
+    ws = [randn(k, k, dtype=torch.bfloat16, gen=gen, scale=0.02) for _ in range(4)]
+    x0 = randn(1, k, dtype=torch.bfloat16, gen=gen)
+    nw = randn(k, dtype=torch.bfloat16, gen=gen, scale=0.3) + 1
+
+    def chain():
+        h = g.gemv(x0, ws[0], norm_weight=nw, eps=1e-5)
+        s = g.gemv(h, ws[1], residual=x0)
+        h = g.gemv(s, ws[2], norm_weight=nw, eps=1e-5)
+        return g.gemv(h, ws[3], residual=s)
+
+    saved = g.USE_PDL
+    try:
+        g.USE_PDL = False
+        ref = chain()
+        g.USE_PDL = True
+        chain()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    finally:
+        g.USE_PDL = saved
+    assert torch.equal(out, ref)
+
+
 def test_install_routes_cuda_tensors_only(gen):
     import kernels.triton as kt
 

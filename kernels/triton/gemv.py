@@ -41,12 +41,12 @@ def _gemv_kernel(
     """N output columns; with GATED the weight has 2N rows (gate | up) and each program
     accumulates its gate rows and the matching up rows side by side.
 
-    PDL (launched with programmatic dependent launch, sm90+): the kernel lets the next one
-    start as soon as all its programs are running, and loads its own first weight tile before
-    waiting for the previous kernel (weights do not depend on it; x and residual do), so one
-    GEMV's ramp-up overlaps the tail of the one before."""
+    PDL (launched with programmatic dependent launch, sm90+, opt-in): the next kernel may be
+    scheduled as soon as all of this one's programs run, and this one waits for the previous
+    kernel's writes before reading anything."""
     if PDL:
         gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
@@ -55,14 +55,6 @@ def _gemv_kernel(
     NUM_K: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = K % BLOCK_K == 0
     dt = Y.dtype.element_ty
-    rk0 = tl.arange(0, BLOCK_K)
-    w_mask0 = n_ok[:, None] if EVEN_K else n_ok[:, None] & (rk0 < K)[None, :]
-    w_first = tl.load(w_rows + rk0[None, :], mask=w_mask0, other=0.0)
-    up_first = w_first
-    if GATED:
-        up_first = tl.load(up_rows + rk0[None, :], mask=w_mask0, other=0.0)
-    if PDL:
-        gdc_wait()  # everything the previous kernels wrote (x, residual) is visible from here
     rstd = 0.0
     if NORM:
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -76,15 +68,11 @@ def _gemv_kernel(
     for i in tl.static_range(NUM_K):
         rk = i * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = rk < K
-        if i == 0:
-            w = w_first
-            w_up = up_first
-        else:
-            w_mask = n_ok[:, None] if EVEN_K else n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_rows + rk[None, :], mask=w_mask, other=0.0)
-            w_up = w
-            if GATED:
-                w_up = tl.load(up_rows + rk[None, :], mask=w_mask, other=0.0)
+        w_mask = n_ok[:, None] if EVEN_K else n_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_rows + rk[None, :], mask=w_mask, other=0.0)
+        w_up = w
+        if GATED:
+            w_up = tl.load(up_rows + rk[None, :], mask=w_mask, other=0.0)
         xs = tl.load(X + rk, mask=k_ok, other=0.0).to(tl.float32)
         if NORM:
             g = tl.load(NW + rk, mask=k_ok, other=0.0).to(tl.float32)
@@ -117,8 +105,9 @@ CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
 
 
 def _pdl_default() -> bool:
-    """Programmatic dependent launch on sm90+ unless PDSERVE_GEMV_PDL=0."""
-    if os.environ.get("PDSERVE_GEMV_PDL", "1") == "0" or not torch.cuda.is_available():
+    """Programmatic dependent launch: opt-in (PDSERVE_GEMV_PDL=1), sm90+ only. Off by default:
+    in the batch-1 decode graph it did not pay (benchmarks/results/2026-12-02-gpu-llama8b-b1.md)."""
+    if os.environ.get("PDSERVE_GEMV_PDL", "0") != "1" or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability()[0] >= 9
 
