@@ -80,7 +80,21 @@ def test_greedy_generation_agrees_with_hf(llm, hf, hf32):
     as well as HF's own bf16 run does."""
     ps = prompts(llm)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=5)
-    results = llm.generate(ps, params)
+    check_agreement(llm, hf, hf32, ps, llm.generate(ps, params))
+
+
+def test_batch_one_decode_agrees_with_hf(llm, hf, hf32):
+    """The same check with every prompt generated alone: batch-1 decode steps run the layers
+    as fused one-row GEMVs (kernels/triton/gemv.py), the batched run above mostly does not."""
+    from kernels import ops
+
+    assert ops.fuses_linears(torch.zeros(1, 8, device=DEV))  # the fused path is the default
+    ps = prompts(llm)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=5)
+    check_agreement(llm, hf, hf32, ps, [llm.generate([p], params)[0] for p in ps])
+
+
+def check_agreement(llm, hf, hf32, ps, results) -> None:
     agree = agree32 = hf_agree32 = total = 0
     lp_diffs = []
     for p, r in zip(ps, results, strict=True):
