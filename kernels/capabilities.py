@@ -104,9 +104,16 @@ def choose_attention_backend(requested: str, device: torch.device) -> Choice:
 
 
 def triton_ops_usable(device: torch.device) -> Choice:
-    """Whether the fused Triton ops (RMSNorm, SiLU·mul) can replace the torch references."""
+    """Whether the fused Triton ops (RMSNorm, SiLU·mul, the batch-1 GEMV) can replace the torch
+    references."""
     reason = why_not("triton", device)
     return Choice("triton" if reason is None else "torch", reason or "sm75+ with triton")
+
+
+def fused_gemv_enabled() -> bool:
+    """Whether batch-1 decode runs its layers as fused one-row GEMVs where the Triton ops run
+    (kernels/triton/gemv.py); PDSERVE_FUSED_GEMV=0 turns that off."""
+    return os.environ.get("PDSERVE_FUSED_GEMV", "1") != "0"
 
 
 def install_fused_ops(device: torch.device) -> str:
@@ -117,5 +124,6 @@ def install_fused_ops(device: torch.device) -> str:
         from kernels.triton import install
 
         install()
-    log.info("fused ops: %s (%s)", choice.name, choice.why)
+    log.info("fused ops: %s (%s); batch-1 fused GEMVs %s", choice.name, choice.why,
+             "on" if choice.name == "triton" and fused_gemv_enabled() else "off")
     return choice.name

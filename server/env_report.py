@@ -10,7 +10,12 @@ import subprocess
 
 import torch
 
-from kernels.capabilities import choose_attention_backend, module_version, triton_ops_usable
+from kernels.capabilities import (
+    choose_attention_backend,
+    fused_gemv_enabled,
+    module_version,
+    triton_ops_usable,
+)
 
 
 def _driver_version() -> str | None:
@@ -49,6 +54,9 @@ def report() -> list[tuple[str, str]]:
         ops = triton_ops_usable(dev)
         rows.append((f"{dev} attention", f"{attn.name} ({attn.why})"))
         rows.append((f"{dev} fused ops", f"{ops.name} ({ops.why})"))
+        if ops.name == "triton":
+            rows.append((f"{dev} batch-1 GEMV", "fused Triton GEMVs" if fused_gemv_enabled()
+                         else "cuBLAS + norm/SiLU kernels (PDSERVE_FUSED_GEMV=0)"))
     return rows
 
 

@@ -87,7 +87,7 @@ def test_batch_one_decode_agrees_with_hf(llm, hf, hf32):
     """The same check with every prompt generated alone: batch-1 decode steps run the layers
     as fused one-row GEMVs (kernels/triton/gemv.py), the batched run above mostly does not."""
     from kernels import ops
-    from kernels.triton import fused_gemv_enabled
+    from kernels.capabilities import fused_gemv_enabled
 
     # the fused path is the default (PDSERVE_FUSED_GEMV=0 runs this test on the unfused one)
     assert ops.fuses_linears(torch.zeros(1, 8, device=DEV)) == fused_gemv_enabled()

@@ -10,11 +10,10 @@ batch 1) run the model's linears fused with their norms / SiLU / residual adds
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from kernels import ops
+from kernels.capabilities import fused_gemv_enabled
 from kernels.triton.gemv import gemv as _gemv
 from kernels.triton.rms_norm import add_rms_norm as _add_rms_norm
 from kernels.triton.rms_norm import rms_norm as _rms_norm
@@ -49,10 +48,6 @@ def _fused_linear_dispatch(x: torch.Tensor, weight: torch.Tensor, bias=None, **f
 
 def one_cuda_row(x: torch.Tensor) -> bool:
     return x.is_cuda and x.shape[0] == 1
-
-
-def fused_gemv_enabled() -> bool:
-    return os.environ.get("PDSERVE_FUSED_GEMV", "1") != "0"
 
 
 def install() -> None:
