@@ -105,8 +105,9 @@ CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
 
 
 def _pdl_default() -> bool:
-    """Programmatic dependent launch: opt-in (PDSERVE_GEMV_PDL=1), sm90+ only. Off by default:
-    in the batch-1 decode graph it did not pay (benchmarks/results/2026-12-02-gpu-llama8b-b1.md)."""
+    """Programmatic dependent launch: opt-in (PDSERVE_GEMV_PDL=1), sm90+ only. Off by default: in
+    the batch-1 decode graph it measured between 4% slower and 2% faster across runs
+    (benchmarks/results/2026-12-02-gpu-llama8b-b1.md, -b1-2.md)."""
     if os.environ.get("PDSERVE_GEMV_PDL", "0") != "1" or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability()[0] >= 9
