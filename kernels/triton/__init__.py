@@ -40,14 +40,14 @@ def _silu_and_mul_dispatch(gate_up: torch.Tensor) -> torch.Tensor:
     return ops.silu_and_mul_ref(gate_up)
 
 
+def one_cuda_row(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dim() == 2 and x.shape[0] == 1
+
+
 def _fused_linear_dispatch(x: torch.Tensor, weight: torch.Tensor, bias=None, **fused) -> torch.Tensor:
-    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
+    if one_cuda_row(x):
         return _gemv(x, weight, bias, **fused)
     return ops.fused_linear_ref(x, weight, bias, **fused)
-
-
-def one_cuda_row(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.shape[0] == 1
 
 
 def install() -> None:

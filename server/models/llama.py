@@ -49,6 +49,13 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[T, q|k|v] -> q [T, Hq, D], k and v [T, Hkv, D] (views)."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return (q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, self.head_dim),
+                v.view(t, self.num_kv_heads, self.head_dim))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -59,15 +66,10 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm block with the residual carried separately (x, residual) so each norm
         fuses the preceding add: the hidden state is read once per norm, not twice."""
-        t = x.shape[0]
         if ops.fuses_linears(x):
             return self._forward_fused(x, residual, positions, rope, attn)
         h, residual = self.input_layernorm(x, residual)
-        qkv = self.qkv_proj(h)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self._heads(self.qkv_proj(h))
         # Rotary embedding is applied by the backend: fast ones fuse it with the K/V store.
         x = self.o_proj(attn.forward_rope(self.layer_id, q, k, v, positions, rope))
         h, residual = self.post_attention_layernorm(x, residual)
@@ -88,12 +90,8 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         s = x if residual is None else x + residual
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        qkv = ops.fused_linear(s, self.qkv_proj.weight, self.qkv_proj.bias,
-                               norm_weight=ln1.weight, eps=ln1.eps)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self._heads(ops.fused_linear(s, self.qkv_proj.weight, self.qkv_proj.bias,
+                                               norm_weight=ln1.weight, eps=ln1.eps))
         a = attn.forward_rope(self.layer_id, q, k, v, positions, rope).reshape(t, -1)
         s = ops.fused_linear(a, self.o_proj.weight, residual=s)
         act = ops.fused_linear(s, self.gate_up_proj.weight, norm_weight=ln2.weight, eps=ln2.eps,
