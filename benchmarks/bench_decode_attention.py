@@ -1,6 +1,7 @@
 """Decode attention alone, per layer, on a Llama-3.1-8B shape (32 query heads, 8 KV heads, head
 dim 128, 16-token pages, block-major cache of 32 layers): FlashInfer tensor-core decode (the
-default backend), FlashInfer CUDA-core decode, and the Triton kernel, side by side in one run,
+default backend), FlashInfer CUDA-core decode, the Triton kernel, and the Triton split-KV decode
+kernel (kernels/triton/decode_attention.py, not used by the engine yet), side by side in one run,
 over batch sizes and context lengths. Each variant runs as the engine runs it: planned once,
 then 32 calls (one per layer) captured in a CUDA graph; time = graph replay / 32. Also the KV
 bytes each call must read at the measured D2D copy rate, and the largest output difference from
@@ -42,6 +43,25 @@ def metadata(batch: int, ctx: int, num_blocks: int, gen: torch.Generator) -> Att
     )  # fmt: skip
 
 
+class SplitKVDecode:
+    """kernels/triton/decode_attention.py driven as the engine drives a backend here (store this
+    step's K/V with the Triton store kernel, then attend); not an engine backend (yet)."""
+
+    def __init__(self, cache: torch.Tensor, chunk: int) -> None:
+        self.cache, self.chunk = cache, chunk
+
+    def plan_cuda_graph(self, meta: AttentionMetadata) -> None:
+        self.meta = meta
+
+    def forward(self, layer: int, q, k, v) -> torch.Tensor:
+        from kernels.triton.decode_attention import decode_attention
+        from kernels.triton.rope_store import store_kv
+
+        m, view = self.meta, self.cache[:, layer]
+        store_kv(k, v, view, m.slot_mapping)
+        return decode_attention(q, view, m.block_tables, m.seq_lens, max(m.seq_lens_cpu), D**-0.5, self.chunk)
+
+
 def variants():
     from kernels.attention.flashinfer_backend import FlashInferAttentionBackend
     from kernels.attention.triton_backend import TritonAttentionBackend
@@ -50,6 +70,8 @@ def variants():
         "flashinfer tensor-core": lambda c: FlashInferAttentionBackend(c, HQ, HKV, D, cuda_core_decode_max_batch=0),
         "flashinfer cuda-core": lambda c: FlashInferAttentionBackend(c, HQ, HKV, D, cuda_core_decode_max_batch=1 << 20),
         "triton": lambda c: TritonAttentionBackend(c, HQ, HKV, D),
+        "triton split-KV, 64-key splits": lambda c: SplitKVDecode(c, 64),
+        "triton split-KV, 256-key splits": lambda c: SplitKVDecode(c, 256),
     }
 
 
@@ -92,7 +114,8 @@ def main() -> int:
             v = torch.randn(batch, HKV, D, device="cuda", dtype=torch.bfloat16)
             floor_us = batch * ctx * per_token / LAYERS / bw * 1e6
             ref = None
-            for name, make in variants().items():
+            names = variants()
+            for name, make in names.items():
                 try:
                     us, out = time_variant(make, cache, meta, q, k, v)
                 except Exception as e:  # a variant this install cannot build: say so, go on
@@ -101,7 +124,7 @@ def main() -> int:
                 diff = 0.0 if ref is None else (out - ref).abs().max().item()
                 ref = out if ref is None else ref
                 rows.append([batch, ctx, name, f"{us:.1f}", f"{floor_us:.1f}", f"{diff:.3g}"])
-            print(table(["batch", "context", "variant", "us per layer", "KV read at copy rate us", "max |diff|"], rows[-3:]), flush=True)
+            print(table(["batch", "context", "variant", "us per layer", "KV read at copy rate us", "max |diff|"], rows[-len(names):]), flush=True)
             del cache
             torch.cuda.empty_cache()
     out = table(["batch", "context", "variant", "us per layer", "KV read at copy rate us", "max |diff|"], rows)

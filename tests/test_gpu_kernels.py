@@ -102,6 +102,40 @@ def test_gemv(dtype, n, k, fuse, config, gen):
         gemv(randn(2, k, dtype=dtype, gen=gen), w, bias, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize(("lens", "chunk"), [([1], 64), ([200], 64), ([2049], 256), ([5, 700, 64, 1], 64)])
+@pytest.mark.parametrize("graph", [False, True])
+def test_split_kv_decode_attention(dtype, hq, hkv, d, lens, chunk, graph, gen):
+    """kernels/triton/decode_attention.py against float64 attention gathered from the pages,
+    eagerly and replayed from a CUDA graph captured with a larger length bound."""
+    from kernels.triton.decode_attention import decode_attention
+
+    bs, nb = 16, 256
+    cache = random_cache(nb, 2, bs, hkv, d, dtype, DEV, gen)
+    meta = make_batch([1] * len(lens), [n - 1 for n in lens], bs, nb, DEV, gen)
+    layer = cache[:, 1]
+    q = randn(len(lens), hq, d, dtype=dtype, gen=gen)
+    run = lambda: decode_attention(q, layer, meta.block_tables, meta.seq_lens, 4096, d**-0.5, chunk)  # noqa: E731
+    out = run()
+    if graph:
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = run()
+        out.fill_(float("nan"))
+        g.replay()
+    for i, n in enumerate(lens):
+        tab = meta.block_tables[i].long()
+        pos = torch.arange(n, device=DEV)
+        kv = layer[tab[pos // bs], :, pos % bs].double()  # [n, 2, hkv, d]
+        k = kv[:, 0].repeat_interleave(hq // hkv, dim=1)
+        v = kv[:, 1].repeat_interleave(hq // hkv, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[i].double(), k) * d**-0.5
+        ref = torch.einsum("hn,nhd->hd", s.softmax(-1), v)
+        assert rel_err(out[i], ref) < TOL[dtype], (i, n)
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs sm90+")
 def test_gemv_chain_with_pdl(gen):
