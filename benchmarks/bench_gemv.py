@@ -52,6 +52,7 @@ def graph_us(fn) -> float:
 
 @torch.inference_mode()
 def main() -> int:
+    import kernels.triton.gemv as gemv_mod
     from kernels import ops
     from kernels.triton.gemv import gemv
     from kernels.triton.rms_norm import add_rms_norm
@@ -107,8 +108,6 @@ def main() -> int:
             if best is None or us < best[0]:
                 best = (us, cfg, err)
         assert best is not None
-        import kernels.triton.gemv as gemv_mod
-
         gemv_mod.USE_PDL = torch.cuda.get_device_capability()[0] >= 9
         it = itertools.cycle(ws)
         t_pdl = graph_us(lambda: gemv(xin, next(it), config=best[1], **kw))  # noqa: B023

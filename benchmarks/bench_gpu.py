@@ -116,7 +116,7 @@ def prefill_all(engine: EngineCore) -> None:
 @torch.inference_mode()
 def phase_breakdown(engine: EngineCore, steps: int) -> dict[str, float]:
     """Median seconds of each phase of a pure-decode step on the CUDA-graph path, replaying
-    what EngineCore.step / ModelRunner.execute do, with a device sync after each phase (so the
+    what EngineCore.step / ModelRunner.launch do, with a device sync after each phase (so the
     phases add up to a little more than a real step)."""
     from server.engine.cuda_graphs import DecodeBatch
     from server.engine.sampler import SamplingRow

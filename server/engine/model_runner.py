@@ -145,9 +145,6 @@ class ModelRunner:
         )
         return ids, pos_t, meta
 
-    def execute(self, out: SchedulerOutput) -> Sampled:
-        return self.launch(out).result()
-
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> PendingStep:
         """Queue the step's forward pass and sampling on the device; returns without waiting."""
