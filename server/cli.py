@@ -31,6 +31,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-step-lookahead", action="store_true",
                    help="with CUDA graphs: do not stage the predicted next decode step while the "
                         "current one runs (host and device then take turns)")
+    g.add_argument("--no-step-overlap", action="store_true",
+                   help="with step lookahead: do not launch the predicted next decode step before "
+                        "the current one's tokens reach the host (stage it only)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -51,6 +54,7 @@ def engine_config_from_args(args: argparse.Namespace):
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         step_lookahead=not args.no_step_lookahead,
+        step_overlap=not args.no_step_overlap,
     )
 
 

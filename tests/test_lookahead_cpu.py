@@ -1,5 +1,7 @@
-"""Step lookahead's engine logic in CI, without a GPU: the scheduler's prediction, the runner's
-prepare_ahead / exact-match check / fallback, and the input ids gathered from the previous
+"""Step lookahead's and step overlap's engine logic in CI, without a GPU: the scheduler's
+prediction, the runner's prepare_ahead / exact-match check / fallback, launch_ahead (the next
+step launched before this one's tokens are read back, its rows of requests that stop meanwhile
+dropped, their blocks held until it has run), and the input ids gathered from the previous
 step's sampled tokens, on the real SmolLM2 model in float32.
 
 CUDA graphs cannot run on a CPU, so `EagerGraphs` stands in for `CudaGraphRunner` (the one
@@ -46,9 +48,9 @@ class EagerGraphs:
         return self.runner.model(ids, pos, self.runner.attn)
 
 
-def engine(lookahead: bool) -> EngineCore:
+def engine(lookahead: bool, overlap: bool = False) -> EngineCore:
     eng = EngineCore(EngineConfig(dtype="float32", kv_cache_memory="64MiB", max_num_seqs=8,
-                                  progress=False, step_lookahead=lookahead))
+                                  progress=False, step_lookahead=lookahead, step_overlap=overlap))
     eng.runner.cuda_graphs = EagerGraphs(eng.runner)
     return eng
 
@@ -94,5 +96,55 @@ def test_a_prepared_step_is_not_replayed_after_the_batch_changed(baseline):
     assert eng.runner.ahead_used == used + 1  # the next prediction holds again
     while eng.has_unfinished_requests():
         eng.step()
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+    eng.check_integrity()
+
+
+def test_overlap_matches_the_plain_engine(baseline):
+    """Same workload with the next decode step launched ahead: same tokens and logprobs (the
+    workload's EOS stops drop launched rows; its penalty / min_tokens rows fall back to
+    staging only), nothing leaked."""
+    base, _ = baseline
+    eng = engine(True, overlap=True)
+    ahead = drive(eng, num_requests=10, scale=2)
+    assert eng.runner.launched_ahead > 10
+    assert eng.runner.ahead_used > 0  # batches with penalties only stage ahead
+    for rid, (toks, lps) in base.items():
+        assert ahead[rid][0] == toks, rid
+        assert ahead[rid][1] == pytest.approx(lps, abs=1e-4), rid
+    assert eng.scheduler.num_steps_in_flight == 0
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+    eng.check_integrity()
+
+
+def test_overlap_holds_blocks_of_a_request_stopped_while_a_step_computes_it():
+    """A request that ends while the step launched ahead still computes it (here an abort; EOS
+    and stop tokens take the same path) keeps its blocks until that step has run, gets no
+    output from it, and the others go on."""
+    from server.engine.sampling_params import SamplingParams
+
+    eng = engine(True, overlap=True)
+    p = list(range(200, 240))
+    for i in range(3):
+        eng.add_request(f"a{i}", p[i:], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    counts = {"a0": 0, "a1": 0, "a2": 0}
+    for _ in range(3):
+        for o in eng.step():
+            counts[o.request_id] += len(o.new_token_ids)
+    assert eng.scheduler.num_steps_in_flight == 1  # a decode step runs ahead
+    held = len(eng.kv.block_table("a1"))
+    free = eng.kv.num_free_blocks
+    eng.abort(["a1"])
+    assert eng.kv.num_free_blocks == free  # still being written by the step in flight
+    outs = eng.step()
+    assert sorted(o.request_id for o in outs) == ["a0", "a2"]
+    assert eng.kv.num_free_blocks >= free + held  # freed once that step ran
+    for o in outs:
+        counts[o.request_id] += len(o.new_token_ids)
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            counts[o.request_id] += len(o.new_token_ids)
+    assert counts["a0"] == counts["a2"] == 12 and counts["a1"] < 12
+    assert eng.scheduler.num_steps_in_flight == 0
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
     eng.check_integrity()

@@ -369,3 +369,42 @@ def test_lookahead_under_random_load_keeps_every_block_accounted():
     drain(s)
     assert checked > 20
     assert s.kv.num_free_blocks == s.kv.num_blocks
+
+
+# -- step overlap: the predicted next step launched before this one's tokens are known --------
+
+
+def test_overlapped_steps_drop_rows_of_stopped_requests_and_hold_their_blocks():
+    """EngineCore.step with step overlap, as the scheduler sees it: step N+1 (the prediction)
+    is launched before N's update; a request that stops at N (EOS) or is aborted meanwhile
+    gets nothing from N+1, and its blocks stay allocated until N+1 is synced."""
+    from server.engine.scheduler import ScheduledRequest, SchedulerOutput
+
+    s = make()
+    for i, rid in enumerate("abc"):
+        s.add(req(rid, 6, max_tokens=20, start=10 * i + 1))
+    out = s.schedule()
+    s.update(out, {x.request.request_id: (7, None) for x in out.scheduled})  # prefills
+    out = s.schedule()  # step N: decodes a, b, c
+    nxt = SchedulerOutput([ScheduledRequest(r.request, 1) for r in s.lookahead(out)])
+    s.step_launched(nxt)  # N+1 runs ahead
+    free = s.kv.num_free_blocks
+    outs = s.update(out, {"a": (0, None), "b": (7, None), "c": (7, None)})  # a hits EOS at N
+    assert outs[0].finish_reason == "stop" and s.kv.num_free_blocks == free  # a's blocks held
+    s.abort(["b"])
+    assert s.kv.num_free_blocks == free
+    try:  # an id whose blocks are still held cannot be reused yet
+        s.add(req("a", 3))
+        raise AssertionError("id reuse accepted")
+    except ValueError:
+        pass
+    rows = s.lookahead(nxt)  # predicting N+2 from N+1: only c is still live
+    assert [r.request.request_id for r in rows] == ["c"]
+    s.step_synced()  # N+1 has run
+    assert s.kv.num_free_blocks > free and s.num_steps_in_flight == 0
+    outs = s.update(nxt, {"a": (7, None), "b": (7, None), "c": (7, None)})
+    assert [o.request_id for o in outs] == ["c"] and s.requests["c"].num_output_tokens == 3
+    s.add(req("a", 3))  # free again
+    s.abort(["a", "c"])
+    assert s.kv.num_free_blocks == s.kv.num_blocks
+    s.kv.check_integrity()

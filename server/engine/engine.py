@@ -17,12 +17,12 @@ from kvcache.layout import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget
 from kvcache.manager import KVCacheManager
 from server.engine.cuda_graphs import BUCKETS, CudaGraphRunner
 from server.engine.gpu_memory import profile_kv_cache_bytes
-from server.engine.model_runner import ModelRunner
+from server.engine.model_runner import ModelRunner, PendingStep
 from server.engine.outputs import EngineStats, RequestOutput
 from server.engine.request import Request
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
 from server.models.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,21 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     # With CUDA graphs: stage the predicted next decode step while the current one runs.
     step_lookahead: bool = True
+    # With step lookahead: launch the predicted next decode step before the current one's
+    # tokens reach the host (the device runs step N+1 while the host finishes step N).
+    step_overlap: bool = True
+
+
+def _samples_without_history(req: Request) -> bool:
+    """The request's next token can be sampled before the current one is known: no penalty
+    reads its output tokens and min_tokens no longer masks EOS."""
+    p = req.sampling_params
+    return (
+        p.repetition_penalty == 1.0
+        and p.frequency_penalty == 0.0
+        and p.presence_penalty == 0.0
+        and req.num_output_tokens >= p.min_tokens
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,6 +166,7 @@ class EngineCore:
         elif on_cuda:
             log.info("CUDA graphs off (%s)", "--enforce-eager" if config.enforce_eager
                      else f"the {backend_cls.name} backend cannot be captured")
+        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # see `step`
         self.runner = ModelRunner(self.model, self.attn, self.kv, Sampler(seed=config.seed),
                                   self.device, cuda_graphs=graphs)
         log.info("engine ready: %s, %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d",
@@ -179,18 +195,41 @@ class EngineCore:
         self.scheduler.abort(request_ids)
 
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
-        if not out.scheduled:
-            return []
-        pending = self.runner.launch(out)
+        """Run one step; returns its outputs.
+
+        Step overlap: when the scheduler can predict the next step (a pure decode of the
+        running requests) and no row's sampling depends on the token being sampled now, the
+        next step is launched on the device before this one's tokens are read back, and the
+        next call returns its outputs. Its rows of requests that finish meanwhile (EOS, stop
+        token, abort) are computed and dropped; their blocks stay allocated until it has run.
+        """
+        launched_ahead = self._in_flight is not None
+        if self._in_flight is not None:
+            out, pending = self._in_flight
+            self._in_flight = None
+        else:
+            out = self.scheduler.schedule()
+            if not out.scheduled:
+                return []
+            pending = self.runner.launch(out)
         if self.config.step_lookahead and self.runner.can_prepare_ahead:
             rows = self.scheduler.lookahead(out)
             if rows:
-                self.runner.prepare_ahead(rows, pending)
-        return self.scheduler.update(out, pending.result())
+                if self.config.step_overlap and all(_samples_without_history(r.request) for r in rows):
+                    launched = self.runner.launch_ahead(rows, pending)
+                    if launched is not None:
+                        nxt = SchedulerOutput([ScheduledRequest(r.request, 1) for r in rows])
+                        self.scheduler.step_launched(nxt)
+                        self._in_flight = (nxt, launched)
+                else:
+                    self.runner.prepare_ahead(rows, pending)
+        sampled = pending.result()
+        if launched_ahead:
+            self.scheduler.step_synced()  # `out` has run: blocks only it held can go
+        return self.scheduler.update(out, sampled)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self._in_flight is not None or self.scheduler.has_unfinished()
 
     def stats(self) -> EngineStats:
         s, kv = self.scheduler, self.kv

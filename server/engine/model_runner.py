@@ -10,7 +10,8 @@ In between, `prepare_ahead` stages the decode step the scheduler predicts next (
 attention planned, input ids gathered on the device from the tokens being sampled), so that
 host work overlaps the device. The next `launch` replays it directly when its batch is exactly
 the prediction, and stages from scratch otherwise: a wrong prediction costs nothing but the
-overlapped host time."""
+overlapped host time. `launch_ahead` goes one further (step overlap): it launches the
+predicted step right away, so the device never waits for the host between decode steps."""
 
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class ModelRunner:
         self._ahead: tuple[tuple, StagedDecode] | None = None
         self.ahead_used = 0  # steps that replayed a prepared batch
         self.ahead_missed = 0  # prepared batches that the next step did not match
+        self.launched_ahead = 0  # steps launched before the previous one's tokens were known
 
     @property
     def can_prepare_ahead(self) -> bool:
@@ -194,13 +196,32 @@ class ModelRunner:
         """Stage the predicted next decode step while `pending` runs: its inputs and attention
         plan land on the stream after `pending`, its input ids are gathered there from
         `pending`'s sampled tokens. Every predicted request must sample in `pending`."""
+        self._ahead = self._stage_ahead(rows, pending)
+
+    @torch.inference_mode()
+    def launch_ahead(self, rows: list[DecodeRow], pending: PendingStep) -> PendingStep | None:
+        """Stage the predicted next decode step as `prepare_ahead` does and launch it at once,
+        sampling included, before `pending`'s tokens reach the host (step overlap). Every row
+        samples; the sampler reads each request's state now, so the caller launches ahead
+        only rows whose sampling does not depend on the token `pending` is sampling (no
+        penalties, min_tokens reached). None when the batch cannot run as a graph."""
+        ahead = self._stage_ahead(rows, pending)
+        if ahead is None:
+            return None
+        self.launched_ahead += 1
+        hidden = self.cuda_graphs.replay(ahead[1])
+        reqs = [r.request for r in rows]
+        logits = self.model.compute_logits(hidden)
+        return PendingStep(reqs, self.sampler.launch(logits, [SamplingRow.from_request(r) for r in reqs]))
+
+    def _stage_ahead(self, rows: list[DecodeRow], pending: PendingStep) -> tuple[tuple, StagedDecode] | None:
         graphs = self.cuda_graphs
         if graphs is None or pending.sample is None:
-            return
+            return None
         bs = self.block_size
         tables = [self.kv.block_table(r.request.request_id) for r in rows]
         if not graphs.can_run(len(rows), max(len(t) for t in tables)):
-            return
+            return None
         positions = [r.position for r in rows]
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
         seq_lens = [p + 1 for p in positions]
@@ -209,4 +230,4 @@ class ModelRunner:
         src = [row_of[rid] for rid in rids]
         batch = DecodeBatch([0] * len(rows), positions, slots, seq_lens, tables)
         staged = graphs.stage(batch, (pending.sample.token_ids, src))
-        self._ahead = ((rids, positions, slots, seq_lens, tables), staged)
+        return (rids, positions, slots, seq_lens, tables), staged

@@ -11,7 +11,7 @@ penalties costs one argmax:
      argmax(probs / E) with E ~ Exp(1) i.i.d., an exact draw from probs (as in gpt-fast).
   5. logprobs: from the log_softmax of the RAW logits (vLLM v1's default).
 
-All math is float32 on the logits' device; results reach the host in one device->host copy.
+All math is float32 on the logits' device; results reach the host in one device->host copy, queued at launch.
 `launch` queues the device work and returns at once (the few host->device copies of per-row
 parameters are pinned and non-blocking), `PendingSample.result()` is the step's one sync: the
 engine prepares its next step in between.
@@ -72,18 +72,33 @@ class SamplerOutput(NamedTuple):
 
 
 class PendingSample:
-    """Tokens sampled on the device, not yet on the host."""
+    """Tokens sampled on the device, not yet on the host. On CUDA the device->host copy of
+    the tokens (and logprobs) is queued at once into pinned memory behind an event, so
+    `result()` waits for this step only, not for work queued on the stream after it (the
+    engine may launch the next step first)."""
 
     def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         self.token_ids = tokens  # [N] int64 on the logits' device
-        self._logits = logits
         self._rows = rows
+        self._ready: torch.cuda.Event | None = None
+        if not rows:
+            return
+        payload, self._layout = _payload(logits, tokens, rows)
+        if payload.is_cuda:
+            self._host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
+            self._host.copy_(payload, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = payload
 
     def result(self) -> SamplerOutput:
         """Token ids (and logprobs) on the host; waits for the device."""
         if not self._rows:
             return SamplerOutput([], [])
-        return _to_host(self._logits, self.token_ids, self._rows)
+        if self._ready is not None:
+            self._ready.synchronize()  # SYNC: the step's one wait for the device
+        return _parse(self._host.tolist(), self._rows, self._layout)
 
 
 class Sampler:
@@ -340,18 +355,18 @@ def _apply_top_k_top_p(
     return torch.empty_like(x).scatter_(1, order, x_sorted)
 
 
-def _to_host(
+def _payload(
     logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow]
-) -> SamplerOutput:
-    """Bring tokens [N] int64 (and logprobs, from raw logits [N, V]) to the host in one copy."""
-    n = len(rows)
+) -> tuple[torch.Tensor, tuple[list[int], int]]:
+    """Everything the host needs from a sampled batch as one tensor (so one device->host
+    copy): tokens [N] int64 alone, or, when some row wants logprobs (from the raw logits
+    [N, V]), float64 [tokens, chosen logprobs, ranks, top ids, top logprobs]. Also returns
+    (rows with logprobs, top-k width) for `_parse`."""
     lp_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     if not lp_rows:
-        # SYNC: the sampler's one device->host copy.
-        return SamplerOutput(tokens.tolist(), [None] * n)
-
+        return tokens, (lp_rows, 0)
     vocab = logits.shape[1]
-    if len(lp_rows) == n:
+    if len(lp_rows) == len(rows):
         raw, chosen = logits, tokens
     else:
         idx = device_tensor(lp_rows, torch.int64, logits.device)
@@ -360,15 +375,20 @@ def _to_host(
     chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))  # [M, 1]
     rank = (logprobs > chosen_lp).sum(dim=-1) + 1  # [M]; tokens tied with it do not count
     k_max = min(max(rows[i].params.logprobs or 0 for i in lp_rows), vocab)
-
     # float64 holds int64 ids/ranks (< 2**53) and float32 logprobs exactly: one tensor, one copy.
     parts = [tokens.double(), chosen_lp.squeeze(1).double(), rank.double()]
     if k_max > 0:
         top_lp, top_ids = logprobs.topk(k_max, dim=-1)  # [M, k_max], most likely first
         parts += [top_ids.double().flatten(), top_lp.double().flatten()]
-    # SYNC: the sampler's one device->host copy.
-    flat = torch.cat(parts).tolist()
+    return torch.cat(parts), (lp_rows, k_max)
 
+
+def _parse(flat: list, rows: Sequence[SamplingRow], layout: tuple[list[int], int]) -> SamplerOutput:
+    """`_payload`'s tensor, as a host list, back into token ids and logprobs."""
+    n = len(rows)
+    lp_rows, k_max = layout
+    if not lp_rows:
+        return SamplerOutput(flat, [None] * n)
     m = len(lp_rows)
     token_ids = [int(t) for t in flat[:n]]
     chosen_lps = flat[n : n + m]
@@ -377,7 +397,7 @@ def _to_host(
     top_lps_flat = flat[n + 2 * m + m * k_max :]
     out: list[TokenLogprobs | None] = [None] * n
     for j, i in enumerate(lp_rows):
-        k = min(rows[i].params.logprobs or 0, vocab)
+        k = min(rows[i].params.logprobs or 0, k_max)  # k_max is capped at the vocabulary
         start = j * k_max
         out[i] = TokenLogprobs(
             token_id=token_ids[i],

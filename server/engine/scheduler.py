@@ -81,11 +81,15 @@ class Scheduler:
         self.held: dict[str, Request] = {}  # finished prefill-only requests, KV being sent
         self.deferred: dict[str, float] = {}  # KV owner id -> time its blocks may be freed
         self.num_lease_expiries = 0
+        # Step overlap: request ids of each launched step not yet synced, oldest first (the
+        # device may still write their KV), and finished requests whose blocks wait for them.
+        self._in_flight: list[frozenset[str]] = []
+        self._busy_frees: dict[str, Request] = {}
 
     # -- admission / abort -----------------------------------------------------------------
 
     def add(self, req: Request) -> None:
-        if req.request_id in self.requests:
+        if req.request_id in self.requests or req.request_id in self._busy_frees:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
         self.waiting.append(req)
@@ -112,8 +116,11 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         """Return the request's blocks to the pool, or park them while a remote prefill may
-        still write into them (its lease plus grace): they must not be reused before then."""
-        if req.quarantine_until > self.clock():
+        still write into them (its lease plus grace) or a launched step still computes the
+        request (`step_launched`): they must not be reused before then."""
+        if any(req.request_id in ids for ids in self._in_flight):
+            self._busy_frees[req.request_id] = req
+        elif req.quarantine_until > self.clock():
             self.deferred[req.request_id] = req.quarantine_until
         else:
             self.kv.free(req.request_id)
@@ -125,12 +132,33 @@ class Scheduler:
                 del self.deferred[rid]
                 self.kv.free(rid)
 
+    # -- step overlap -----------------------------------------------------------------------
+
+    def step_launched(self, out: SchedulerOutput) -> None:
+        """`out` was launched on the device ahead of its turn (see `EngineCore.step`): until
+        `step_synced`, a request of it that finishes or is aborted keeps its blocks, since the
+        device may still write its KV there."""
+        self._in_flight.append(frozenset(s.request.request_id for s in out.scheduled))
+
+    def step_synced(self) -> None:
+        """The oldest launched step has run: free what only it still held."""
+        self._in_flight.pop(0)
+        for rid, req in list(self._busy_frees.items()):
+            if not any(rid in ids for ids in self._in_flight):
+                del self._busy_frees[rid]
+                self._release(req)
+
+    @property
+    def num_steps_in_flight(self) -> int:
+        return len(self._in_flight)
+
     # -- disaggregation ---------------------------------------------------------------------
 
     def reserve_remote(self, req: Request, lease_s: float, grace_s: float) -> PrefixMatch | None:
         """Decode side: reserve blocks for the whole prompt (reusing cached prefix blocks) so a
         prefill worker can write its KV into them. None if the blocks are not there now."""
-        if req.request_id in self.requests or req.request_id in self.deferred:
+        rid = req.request_id
+        if rid in self.requests or rid in self.deferred or rid in self._busy_frees:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         if len(self.running) + len(self.remote) >= self.config.max_num_seqs:
             return None  # it could not join the batch when its KV lands
@@ -313,7 +341,9 @@ class Scheduler:
 
         A prediction is a hint: the next `schedule` decides, and a request that stops on a
         token keeps its early block until it is freed with the request."""
-        if len(out.scheduled) != len(self.running) or not all(s.samples for s in out.scheduled):
+        # Rows of a launched-ahead step whose request finished meanwhile are dropped.
+        live = [s for s in out.scheduled if not s.request.status.finished]
+        if len(live) != len(self.running) or not all(s.samples for s in live):
             return None
         if self.waiting and len(self.running) + len(self.remote) < self.config.max_num_seqs:
             return None
@@ -336,10 +366,14 @@ class Scheduler:
         sampled: dict[str, tuple[int, TokenLogprobs | None]],
     ) -> list[RequestOutput]:
         """Advance computed tokens, append sampled tokens, finish requests, cache full blocks.
-        `sampled` holds a token for exactly the scheduled requests whose `samples` was true."""
+        `sampled` holds a token for exactly the scheduled requests whose `samples` was true.
+        Rows of requests that finished or were aborted after the step was launched (a step
+        launched ahead, see `step_launched`) are dropped."""
         outputs: list[RequestOutput] = []
         now = self.clock()
         for req, n in out.scheduled:
+            if req.status.finished:
+                continue
             req.num_computed_tokens += n
             hit = sampled.get(req.request_id)
             if hit is None:
