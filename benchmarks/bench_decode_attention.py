@@ -1,11 +1,14 @@
 """Decode attention alone, per layer, on a Llama-3.1-8B shape (32 query heads, 8 KV heads, head
-dim 128, 16-token pages, block-major cache of 32 layers): FlashInfer tensor-core decode (the
-default backend), FlashInfer CUDA-core decode, the Triton kernel, and the Triton split-KV decode
-kernel (kernels/triton/decode_attention.py, not used by the engine yet), side by side in one run,
-over batch sizes and context lengths. Each variant runs as the engine runs it: planned once,
-then 32 calls (one per layer) captured in a CUDA graph; time = graph replay / 32. Also the KV
-bytes each call must read at the measured D2D copy rate, and the largest output difference from
-the first variant.
+dim 128, 16-token pages, block-major cache of 32 layers), timed as the engine calls it: the
+backend's `forward_rope` (rotate q and k, store k/v, attend). Side by side in one run, over
+batch sizes and context lengths: rope_store + FlashInfer tensor-core decode (the baseline),
+rope_store + FlashInfer CUDA-core decode, rope_store + the Triton paged kernel, the fused
+one-launch split-KV kernel (kernels/triton/decode_attention.py) at fixed split counts, and the
+FlashInfer backend with its defaults (the fused kernel up to PDSERVE_SPLIT_KV_DECODE_MAX_BATCH
+sequences). Each variant is planned once, then 32 calls (one per layer) are captured in a CUDA
+graph; time = graph replay / 32. Also the KV bytes each call must read at the measured D2D copy
+rate, and the largest output difference from the first variant. (Results before 2026-12-03
+timed `forward`, store + attend without RoPE.)
 
     python benchmarks/bench_decode_attention.py [--batches 1,8,64] [--contexts 256,2048,8192]
 """
@@ -23,8 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_gpu import copy_bandwidth  # noqa: E402
 from benchmarks.common import table, write_result  # noqa: E402
 from kernels.attention.base import AttentionMetadata  # noqa: E402
+from server.models.rope import RotaryEmbedding  # noqa: E402
 
 LAYERS, HQ, HKV, D, PAGE = 32, 32, 8, 128, 16
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
 
 
 def metadata(batch: int, ctx: int, num_blocks: int, gen: torch.Generator) -> AttentionMetadata:
@@ -43,45 +49,51 @@ def metadata(batch: int, ctx: int, num_blocks: int, gen: torch.Generator) -> Att
     )  # fmt: skip
 
 
-class SplitKVDecode:
-    """kernels/triton/decode_attention.py driven as the engine drives a backend here (store this
-    step's K/V with the Triton store kernel, then attend); not an engine backend (yet)."""
+class FusedDecode:
+    """The fused kernel at a fixed split count, driven as a backend's forward_rope (the engine
+    picks the split count from the SM count: `SplitKVWorkspace.splits_for`)."""
 
-    def __init__(self, cache: torch.Tensor, chunk: int) -> None:
-        self.cache, self.chunk = cache, chunk
+    def __init__(self, cache: torch.Tensor, batch: int, splits: int) -> None:
+        from kernels.triton.decode_attention import SplitKVWorkspace
+
+        self.cache, self.splits = cache, splits
+        self.ws = SplitKVWorkspace(batch, HQ, HKV, D, cache.device, max_splits=splits)
 
     def plan_cuda_graph(self, meta: AttentionMetadata) -> None:
         self.meta = meta
 
-    def forward(self, layer: int, q, k, v) -> torch.Tensor:
-        from kernels.triton.decode_attention import decode_attention
-        from kernels.triton.rope_store import store_kv
+    def forward_rope(self, layer: int, q, k, v, positions, rope) -> torch.Tensor:
+        from kernels.triton.decode_attention import fused_decode_attention
 
-        m, view = self.meta, self.cache[:, layer]
-        store_kv(k, v, view, m.slot_mapping)
-        return decode_attention(q, view, m.block_tables, m.seq_lens, max(m.seq_lens_cpu), D**-0.5, self.chunk)
+        m = self.meta
+        return fused_decode_attention(q, k, v, positions, rope.cos, rope.sin, self.cache[:, layer], m.slot_mapping,
+                                      m.block_tables, m.seq_lens, D**-0.5, self.ws, num_splits=self.splits)
 
 
-def variants():
+def variants(batch: int):
     from kernels.attention.flashinfer_backend import FlashInferAttentionBackend
     from kernels.attention.triton_backend import TritonAttentionBackend
 
+    fi = FlashInferAttentionBackend
     return {
-        "flashinfer tensor-core": lambda c: FlashInferAttentionBackend(c, HQ, HKV, D, cuda_core_decode_max_batch=0),
-        "flashinfer cuda-core": lambda c: FlashInferAttentionBackend(c, HQ, HKV, D, cuda_core_decode_max_batch=1 << 20),
-        "triton": lambda c: TritonAttentionBackend(c, HQ, HKV, D),
-        "triton split-KV, 64-key splits": lambda c: SplitKVDecode(c, 64),
-        "triton split-KV, 256-key splits": lambda c: SplitKVDecode(c, 256),
-    }
+        "rope_store + flashinfer tensor-core": lambda c: fi(c, HQ, HKV, D, cuda_core_decode_max_batch=0, split_kv_decode_max_batch=0),
+        "rope_store + flashinfer cuda-core": lambda c: fi(c, HQ, HKV, D, cuda_core_decode_max_batch=1 << 20, split_kv_decode_max_batch=0),
+        "rope_store + triton": lambda c: TritonAttentionBackend(c, HQ, HKV, D, split_kv_decode_max_batch=0),
+        "fused split-KV, 4 splits": lambda c: FusedDecode(c, batch, 4),
+        "fused split-KV, 8 splits": lambda c: FusedDecode(c, batch, 8),
+        "fused split-KV, 16 splits": lambda c: FusedDecode(c, batch, 16),
+        "fused split-KV, 32 splits": lambda c: FusedDecode(c, batch, 32),
+        "flashinfer backend, defaults": lambda c: fi(c, HQ, HKV, D),
+    }  # fmt: skip
 
 
 @torch.inference_mode()
-def time_variant(make, cache, meta, q, k, v) -> tuple[float, torch.Tensor]:
+def time_variant(make, cache, meta, q, k, v, positions, rope) -> tuple[float, torch.Tensor]:
     from triton.testing import do_bench
 
     backend = make(cache)
     backend.plan_cuda_graph(meta)
-    run = lambda: [backend.forward(layer, q, k, v) for layer in range(LAYERS)]  # noqa: E731
+    run = lambda: [backend.forward_rope(layer, q, k, v, positions, rope) for layer in range(LAYERS)]  # noqa: E731
     run()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -109,15 +121,18 @@ def main() -> int:
                 continue
             cache = torch.randn(blocks, LAYERS, 2, PAGE, HKV, D, device="cuda", dtype=torch.bfloat16)
             meta = metadata(batch, ctx, blocks, gen)
-            q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
-            k = torch.randn(batch, HKV, D, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn(batch, HKV, D, device="cuda", dtype=torch.bfloat16)
+            # q/k/v as the model passes them: strided views of one fused qkv projection output.
+            qkv = torch.randn(batch, (HQ + 2 * HKV) * D, device="cuda", dtype=torch.bfloat16)
+            q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
+            q, k, v = q.view(batch, HQ, D), k.view(batch, HKV, D), v.view(batch, HKV, D)
+            rope = RotaryEmbedding(D, ctx + 1, 500000.0, LLAMA3_ROPE, torch.bfloat16).cuda()
+            positions = meta.seq_lens.long() - 1
             floor_us = batch * ctx * per_token / LAYERS / bw * 1e6
             ref = None
-            names = variants()
+            names = variants(batch)
             for name, make in names.items():
                 try:
-                    us, out = time_variant(make, cache, meta, q, k, v)
+                    us, out = time_variant(make, cache, meta, q, k, v, positions, rope)
                 except Exception as e:  # a variant this install cannot build: say so, go on
                     rows.append([batch, ctx, name, f"failed: {type(e).__name__}: {str(e)[:60]}", "", ""])
                     continue

@@ -116,6 +116,14 @@ def fused_gemv_enabled() -> bool:
     return os.environ.get("PDSERVE_FUSED_GEMV", "1") != "0"
 
 
+def split_kv_decode_max_batch() -> int:
+    """Largest pure-decode batch that the FlashInfer and Triton attention backends run as one
+    fused Triton kernel per layer (RoPE + K/V store + split-KV attention + merge,
+    kernels/triton/decode_attention.py); env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH, default 4,
+    0 = never."""
+    return int(os.environ.get("PDSERVE_SPLIT_KV_DECODE_MAX_BATCH", "4"))
+
+
 def install_fused_ops(device: torch.device) -> str:
     """Route `kernels.ops` to the Triton kernels when they can run on `device`; logs one line
     and returns the implementation name ("triton" or "torch")."""

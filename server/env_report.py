@@ -14,6 +14,7 @@ from kernels.capabilities import (
     choose_attention_backend,
     fused_gemv_enabled,
     module_version,
+    split_kv_decode_max_batch,
     triton_ops_usable,
 )
 
@@ -54,6 +55,10 @@ def report() -> list[tuple[str, str]]:
         ops = triton_ops_usable(dev)
         rows.append((f"{dev} attention", f"{attn.name} ({attn.why})"))
         rows.append((f"{dev} fused ops", f"{ops.name} ({ops.why})"))
+        if attn.name in ("flashinfer", "triton"):
+            n = split_kv_decode_max_batch()
+            rows.append((f"{dev} small decode batches", f"fused Triton split-KV kernel up to batch {n}" if n > 0
+                         else "backend kernels (PDSERVE_SPLIT_KV_DECODE_MAX_BATCH=0)"))
         if ops.name == "triton":
             rows.append((f"{dev} batch-1 GEMV", "fused Triton GEMVs" if fused_gemv_enabled()
                          else "cuBLAS + norm/SiLU kernels (PDSERVE_FUSED_GEMV=0)"))

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if not torch.cuda.is_available():
+    # Triton kernels can only run in its CPU interpreter here, which is chosen when triton and
+    # each @triton.jit are first imported: set it before any test imports them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """Triton kernels against the torch references, on fresh random inputs, over shapes and
 dtypes: RMSNorm (+ fused residual), SiLU·mul, RoPE (llama3-scaled tables) fused with the paged
-K/V store into a block-major cache, the Triton paged attention, and the one-row fused GEMV."""
+K/V store into a block-major cache, the Triton paged attention, the one-row fused GEMV, and the
+fused small-batch decode attention (RoPE + store + split-KV + merge in one launch)."""
 
 from __future__ import annotations
 
@@ -102,38 +103,192 @@ def test_gemv(dtype, n, k, fuse, config, gen):
         gemv(randn(2, k, dtype=dtype, gen=gen), w, bias, **kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("hq", "hkv", "d"), [(32, 8, 128), (9, 3, 64)])
-@pytest.mark.parametrize(("lens", "chunk"), [([1], 64), ([200], 64), ([2049], 256), ([5, 700, 64, 1], 64)])
-@pytest.mark.parametrize("graph", [False, True])
-def test_split_kv_decode_attention(dtype, hq, hkv, d, lens, chunk, graph, gen):
-    """kernels/triton/decode_attention.py against float64 attention gathered from the pages,
-    eagerly and replayed from a CUDA graph captured with a larger length bound."""
-    from kernels.triton.decode_attention import decode_attention
+FUSED_SHAPES = [(32, 8, 128), (9, 3, 64), (8, 8, 128)]
+FUSED_LENS = {
+    "one": [1],
+    "two": [2],
+    "page_edges": [15, 16, 17],
+    "255": [255],
+    "1000": [1000],
+    "4097": [4097],
+    "batch8": [1, 2, 15, 16, 17, 255, 1000, 4097],
+    "padded": [700, 5, 1, 1],  # the last two: CUDA-graph padding rows (slot -1)
+}
 
-    bs, nb = 16, 256
-    cache = random_cache(nb, 2, bs, hkv, d, dtype, DEV, gen)
+
+def _fused_inputs(lens, hq, hkv, d, dtype, gen, nb=None, pad=0):
+    """A one-layer-of-three cache, a decode batch over `lens` (keys [0, L-1) cached, the new token
+    at L-1), q/k/v as strided views of one qkv row each; the last `pad` rows get slot -1."""
+    bs = 16
+    nb = nb or sum(-(-n // bs) for n in lens) + 4
+    cache = random_cache(nb, 3, bs, hkv, d, dtype, DEV, gen)
     meta = make_batch([1] * len(lens), [n - 1 for n in lens], bs, nb, DEV, gen)
-    layer = cache[:, 1]
-    q = randn(len(lens), hq, d, dtype=dtype, gen=gen)
-    run = lambda: decode_attention(q, layer, meta.block_tables, meta.seq_lens, 4096, d**-0.5, chunk)  # noqa: E731
-    out = run()
-    if graph:
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = run()
-        out.fill_(float("nan"))
-        g.replay()
+    slots = meta.slot_mapping.clone()
+    if pad:
+        slots[-pad:] = -1
+    qkv = randn(len(lens), (hq + 2 * hkv) * d, dtype=dtype, gen=gen)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    t = len(lens)
+    return cache, meta, slots, q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
+
+
+def _fused_reference(layer, tables, lens, q, k, v, pos, hq, hkv, d):
+    """float64: q and the new k rotated (exact llama3 tables), attention over the cached keys
+    [0, L-1) read from `layer` (a snapshot taken before the kernel) plus the new token.
+    Returns (out [S, Hq * D], rotated k [S, Hkv, D])."""
+    rope = RotaryEmbedding(d, 8192, 500000.0, LLAMA3, torch.float64).to(DEV)
+    qr, kr = rope(pos, q.double(), k.double())
+    bs, outs = layer.shape[2], []
     for i, n in enumerate(lens):
-        tab = meta.block_tables[i].long()
-        pos = torch.arange(n, device=DEV)
-        kv = layer[tab[pos // bs], :, pos % bs].double()  # [n, 2, hkv, d]
-        k = kv[:, 0].repeat_interleave(hq // hkv, dim=1)
-        v = kv[:, 1].repeat_interleave(hq // hkv, dim=1)
-        s = torch.einsum("hd,nhd->hn", q[i].double(), k) * d**-0.5
-        ref = torch.einsum("hn,nhd->hd", s.softmax(-1), v)
-        assert rel_err(out[i], ref) < TOL[dtype], (i, n)
+        tab = tables[i].long()
+        p = torch.arange(n - 1, device=DEV)
+        kv = layer[tab[p // bs], :, p % bs].double()  # [n - 1, 2, hkv, d]
+        keys = torch.cat([kv[:, 0], kr[i][None]]).repeat_interleave(hq // hkv, dim=1)
+        vals = torch.cat([kv[:, 1], v[i][None].double()]).repeat_interleave(hq // hkv, dim=1)
+        s = torch.einsum("hd,nhd->hn", qr[i], keys) * d**-0.5
+        outs.append(torch.einsum("hn,nhd->hd", s.softmax(-1), vals).reshape(-1))
+    return torch.stack(outs), kr
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("hq", "hkv", "d"), FUSED_SHAPES)
+@pytest.mark.parametrize("case", list(FUSED_LENS))
+def test_fused_decode_attention(dtype, hq, hkv, d, case, gen):
+    """kernels/triton/decode_attention.py (RoPE + store + split-KV + in-launch merge) against
+    float64 attention: the output, the rotated k and the v stored at each slot, nothing else
+    written, counters back at 0; every split count from 1 to the workspace's maximum."""
+    from kernels.triton.decode_attention import SplitKVWorkspace, fused_decode_attention
+
+    lens = FUSED_LENS[case]
+    pad = 2 if case == "padded" else 0
+    cache, meta, slots, q, k, v = _fused_inputs(lens, hq, hkv, d, dtype, gen, pad=pad)
+    rope = RotaryEmbedding(d, 8192, 500000.0, LLAMA3, dtype).to(DEV)
+    pos = meta.seq_lens.long() - 1
+    ws = SplitKVWorkspace(8, hq, hkv, d, DEV)
+    before = cache.clone()
+    ref, kr = _fused_reference(before[:, 1], meta.block_tables, lens, q, k, v, pos, hq, hkv, d)
+    ok = slots >= 0
+    s = slots[ok]
+    bs = cache.shape[3]
+    for splits in (None, 1, 3, ws.max_splits):
+        cache.copy_(before)
+        poison_allocator(DEV)
+        out = fused_decode_attention(q, k, v, pos, rope.cos, rope.sin, cache[:, 1], slots, meta.block_tables,
+                                     meta.seq_lens, d**-0.5, ws, num_splits=splits)
+        assert out.shape == (len(lens), hq * d) and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], splits
+        assert not ws.counters.any()
+        layer = cache[:, 1]
+        assert rel_err(layer[s // bs, 0, s % bs], kr[ok]) < TOL[dtype]
+        assert torch.equal(layer[s // bs, 1, s % bs], v[ok])
+        restored = cache.clone()
+        restored[s // bs, 1, :, s % bs] = before[s // bs, 1, :, s % bs]
+        assert torch.equal(restored, before)  # no other slot or layer written
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_fused_decode_attention_graph_replays(hq, hkv, d, batch, gen):
+    """One CUDA graph captured over static buffers, replayed 50 times with other lengths, slots
+    and padding rows each time, every output checked (a merge race or a counter left non-zero
+    shows up as a wrong or NaN output); then one input replayed 300 times must give
+    bit-identical outputs (the kernel is deterministic; a race would not be)."""
+    from kernels.triton.decode_attention import SplitKVWorkspace, fused_decode_attention
+
+    dtype, bs, max_len = torch.bfloat16, 16, 4097
+    width = -(-max_len // bs)
+    nb = batch * width + 1
+    dummy = nb - 1
+    cache = random_cache(nb, 1, bs, hkv, d, dtype, DEV, gen)
+    layer = cache[:, 0]
+    rope = RotaryEmbedding(d, 8192, 500000.0, LLAMA3, dtype).to(DEV)
+    ws = SplitKVWorkspace(8, hq, hkv, d, DEV)
+    qkv = torch.zeros(batch, (hq + 2 * hkv) * d, dtype=dtype, device=DEV)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(batch, hq, d), k.view(batch, hkv, d), v.view(batch, hkv, d)
+    pos = torch.zeros(batch, dtype=torch.int64, device=DEV)
+    slots = torch.full((batch,), -1, dtype=torch.int64, device=DEV)
+    seq_lens = torch.ones(batch, dtype=torch.int32, device=DEV)
+    tables = torch.full((batch, width), dummy, dtype=torch.int32, device=DEV)
+    out = torch.empty(batch, hq * d, dtype=dtype, device=DEV)
+    run = lambda: fused_decode_attention(q, k, v, pos, rope.cos, rope.sin, layer, slots, tables,  # noqa: E731
+                                         seq_lens, d**-0.5, ws, out=out)
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    lens_gen = torch.Generator().manual_seed(batch * 1000 + d)
+    perm = torch.randperm(nb - 1, generator=lens_gen)
+    choices = [1, 2, 15, 16, 17, 31, 32, 33, 255, 1000, 4096, 4097]
+    for step in range(50):
+        n = 1 + step % batch  # real rows; the rest are padding (slot -1, one token, dummy block)
+        lens = [choices[int(i)] for i in torch.randint(len(choices), (n,), generator=lens_gen)]
+        lens[0] = int(torch.randint(1, max_len + 1, (1,), generator=lens_gen))
+        perm = perm[torch.randperm(len(perm), generator=lens_gen)]
+        tab = torch.full((batch, width), dummy, dtype=torch.int32)
+        tab[:n] = perm[: n * width].view(n, width).to(torch.int32)
+        all_lens = lens + [1] * (batch - n)
+        tables.copy_(tab)
+        seq_lens.copy_(torch.tensor(all_lens, dtype=torch.int32))
+        pos.copy_(torch.tensor(all_lens, dtype=torch.int64) - 1)
+        sl = [int(tab[i, (L - 1) // bs]) * bs + (L - 1) % bs for i, L in enumerate(lens)]
+        slots.copy_(torch.tensor(sl + [-1] * (batch - n), dtype=torch.int64))
+        qkv.copy_(torch.randn(qkv.shape, generator=gen, device=DEV).to(dtype))
+        before = layer.clone()
+        out.fill_(float("nan"))
+        graph.replay()
+        ref, kr = _fused_reference(before, tables, all_lens, q, k, v, pos, hq, hkv, d)
+        assert rel_err(out, ref) < TOL[dtype], (step, all_lens)
+        s = slots[:n]
+        assert rel_err(layer[s // bs, 0, s % bs], kr[:n]) < TOL[dtype]
+        assert torch.equal(layer[s // bs, 1, s % bs], v[:n])
+    assert not ws.counters.any()
+    first = out.clone()
+    for _ in range(300):
+        graph.replay()  # stores the same k/v at the same slots again: idempotent
+        assert torch.equal(out, first)
+    assert not ws.counters.any()
+
+
+@pytest.mark.parametrize("name", ["flashinfer", "triton"])
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("lens", [[1], [300], [17, 4097, 2], [5, 1000, 64, 129]])
+@pytest.mark.parametrize("graph", [False, True])
+def test_split_kv_decode_backend_on_off(name, hq, hkv, d, lens, graph, gen):
+    """A backend's forward_rope with the fused small-batch kernel (split_kv_decode_max_batch=4)
+    and without (0) agree within bf16 tolerance, output and stored K/V, eagerly and in a CUDA
+    graph captured after plan_cuda_graph (two layers, as the model calls it)."""
+    if name == "flashinfer":
+        pytest.importorskip("flashinfer")
+    from kernels.attention.selector import backend_class
+
+    dtype = torch.bfloat16
+    cache, meta, slots, q, k, v = _fused_inputs(lens, hq, hkv, d, dtype, gen)
+    rope = RotaryEmbedding(d, 8192, 500000.0, LLAMA3, dtype).to(DEV)
+    pos = meta.seq_lens.long() - 1
+    results = []
+    for threshold in (4, 0):
+        c = cache.clone()
+        backend = backend_class(name)(c, hq, hkv, d, split_kv_decode_max_batch=threshold)
+        (backend.plan_cuda_graph if graph else backend.plan)(meta)
+        assert backend._fused_decode == (threshold > 0)
+        run = lambda b=backend: [b.forward_rope(layer, q, k, v, pos, rope) for layer in (0, 2)]  # noqa: E731
+        outs = run()
+        if graph:
+            c.copy_(cache)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                outs = run()
+            for o in outs:
+                o.fill_(float("nan"))
+            g.replay()
+        results.append((torch.cat(outs, dim=-1), c))
+    (fused, fused_cache), (plain, plain_cache) = results
+    assert rel_err(fused, plain) < TOL[dtype]
+    assert rel_err(fused_cache, plain_cache) < TOL[dtype]
+    assert torch.equal(fused_cache[:, 1], cache[:, 1])  # layer 1 untouched by both
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,

@@ -13,6 +13,10 @@ correctly after re-planning the same wrapper.
 
 Prefill uses FlashInfer's "fa2" kernels by default, the same JIT module as tensor-core decode
 (one compile instead of two); `PDSERVE_FLASHINFER_PREFILL_BACKEND=auto` picks fa3 on Hopper.
+
+Small pure-decode batches (up to `split_kv_decode_max_batch` sequences) skip all of the above in
+`forward_rope`: one fused Triton kernel per layer (kernels/attention/split_kv_decode.py). Their
+FlashInfer decode plan still runs (so `forward` keeps working); the kernels it planned do not.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import os
 import torch
 
 from kernels.attention.base import AttentionBackend, AttentionMetadata
+from kernels.attention.split_kv_decode import SplitKVDecode
+from kernels.capabilities import split_kv_decode_max_batch as split_kv_decode_max_batch_setting
 
 WORKSPACE_BYTES = 256 << 20
 
@@ -38,6 +44,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         head_dim: int,
         scale: float | None = None,
         cuda_core_decode_max_batch: int | None = None,
+        split_kv_decode_max_batch: int | None = None,
     ) -> None:
         super().__init__(kv_cache, num_heads, num_kv_heads, head_dim, scale)
         # Decode runs on the tensor cores (FlashInfer's prefill kernel: one JIT module for decode
@@ -48,6 +55,15 @@ class FlashInferAttentionBackend(AttentionBackend):
         if cuda_core_decode_max_batch is None:
             cuda_core_decode_max_batch = int(os.environ.get("PDSERVE_FLASHINFER_CUDA_CORE_DECODE_MAX_BATCH", "0"))
         self._cuda_core_max_batch = cuda_core_decode_max_batch
+        # forward_rope of pure-decode batches of up to this many sequences: the fused split-KV
+        # kernel. None: env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH (default 4); 0 = never.
+        if split_kv_decode_max_batch is None:
+            split_kv_decode_max_batch = split_kv_decode_max_batch_setting()
+        self._split_kv = (
+            SplitKVDecode(split_kv_decode_max_batch, kv_cache, num_heads, num_kv_heads, head_dim, self.scale)
+            if split_kv_decode_max_batch > 0 else None
+        )
+        self._fused_decode = False
         # Imported here: the CPU test suite must never import flashinfer or triton.
         import flashinfer
 
@@ -121,6 +137,7 @@ class FlashInferAttentionBackend(AttentionBackend):
     def plan(self, metadata: AttentionMetadata) -> None:
         self._wait_previous_plan()
         self.metadata = m = metadata
+        self._fused_decode = self._split_kv is not None and self._split_kv.applies(m)
         nd = m.num_decode_seqs
         indptr, last, indices, indptr_list = self._page_info(m)
         self._decode = self._decode_eager
@@ -160,6 +177,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             )
             self._graph_decode[bs] = wrapper
         self.metadata = m
+        self._fused_decode = self._split_kv is not None and self._split_kv.applies(m)
         indptr, last, indices, _ = self._page_info(m)
         self._plan_decode(wrapper, indptr, indices, last)
         self._decode = wrapper
@@ -189,5 +207,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         m = self.metadata
         assert m is not None, "plan() must be called before forward()"
         view = self.kv_cache[:, layer]
+        if self._fused_decode and q.dtype == self.kv_cache.dtype:
+            return self._split_kv.forward_rope(m, view, q, k, v, positions, rope)
         q = self._rope_store(q, k, v, positions, rope.cos, rope.sin, view, m.slot_mapping)
         return self._attend(q, view)

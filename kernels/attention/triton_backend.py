@@ -4,6 +4,9 @@ fused into the K/V store. The fallback on CUDA devices where FlashInfer is absen
 CUDA-graph safe for decode: `plan` only keeps references to the metadata's device tensors and
 host ints that a pure-decode batch of a given size never changes, so a graph captured after
 planning the runner's static buffers replays correctly.
+
+Small pure-decode batches (up to `split_kv_decode_max_batch` sequences) run `forward_rope` as
+one fused Triton kernel per layer instead (kernels/attention/split_kv_decode.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from kernels.attention.base import AttentionBackend, AttentionMetadata
+from kernels.attention.split_kv_decode import SplitKVDecode
+from kernels.capabilities import split_kv_decode_max_batch as split_kv_decode_max_batch_setting
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -24,6 +29,7 @@ class TritonAttentionBackend(AttentionBackend):
         num_kv_heads: int,
         head_dim: int,
         scale: float | None = None,
+        split_kv_decode_max_batch: int | None = None,
     ) -> None:
         super().__init__(kv_cache, num_heads, num_kv_heads, head_dim, scale)
         # Imported here: the CPU test suite must never import triton.
@@ -33,10 +39,20 @@ class TritonAttentionBackend(AttentionBackend):
         self._attend_fn = paged_attention
         self._rope_store = rope_and_store
         self._store = store_kv
+        # forward_rope of pure-decode batches of up to this many sequences: the fused split-KV
+        # kernel. None: env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH (default 4); 0 = never.
+        if split_kv_decode_max_batch is None:
+            split_kv_decode_max_batch = split_kv_decode_max_batch_setting()
+        self._split_kv = (
+            SplitKVDecode(split_kv_decode_max_batch, kv_cache, num_heads, num_kv_heads, head_dim, self.scale)
+            if split_kv_decode_max_batch > 0 else None
+        )
+        self._fused_decode = False
 
     def plan(self, metadata: AttentionMetadata) -> None:
         self.metadata = metadata
         self._max_query_len = metadata.max_query_len
+        self._fused_decode = self._split_kv is not None and self._split_kv.applies(metadata)
 
     def _attend(self, q: torch.Tensor) -> torch.Tensor:
         m = self.metadata
@@ -58,5 +74,7 @@ class TritonAttentionBackend(AttentionBackend):
         m = self.metadata
         assert m is not None, "plan() must be called before forward()"
         self._layer_view = self.kv_cache[:, layer]
+        if self._fused_decode and q.dtype == self.kv_cache.dtype:
+            return self._split_kv.forward_rope(m, self._layer_view, q, k, v, positions, rope)
         q = self._rope_store(q, k, v, positions, rope.cos, rope.sin, self._layer_view, m.slot_mapping)
         return self._attend(q)

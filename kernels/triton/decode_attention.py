@@ -1,21 +1,52 @@
-"""Split-KV ("flash-decoding") paged attention for decode batches: one query token per
-sequence, the keys of each sequence cut into CHUNK-token splits that run in parallel, then
-one small kernel that merges the splits.
+"""Fused decode attention for small decode batches: ONE kernel launch per layer that rotates q
+and the new token's k (RoPE), stores the new k/v into the paged cache, runs split-KV
+("flash-decoding") attention and merges the splits.
 
-Why: at batch 1 the 8B model's decode attention reads ~0.8 MB of KV a layer, yet FlashInfer's
-tensor-core path takes ~12 us there (its prefill kernel plus a merge kernel; the CUDA-core
-kernel is slower) and kernels/triton/paged_attention.py, one program per (sequence, KV head)
-walking every key, takes 15 us at 256 keys and 95 us at 2048
-(benchmarks/results/2026-12-01-decode-attention.md). Here a program owns one split of one KV
-head's keys, so even one sequence spreads over many SMs.
+Why: at batch 1 the 8B model's decode attention reads ~0.1-1 MB of KV a layer, which is pure
+latency, yet the FlashInfer path costs three kernels (rope_store 2.8 us + tensor-core decode
+9.6 us + its merge 2.4 us on an H200). The previous version of this file (a split kernel and a
+merge kernel, after a K/V store kernel, no RoPE) measured 9.2 us/layer at batch 1, context 256,
+vs 12.1 us for the K/V store + FlashInfer, also without RoPE
+(benchmarks/results/2026-12-02-decode-attention.md); this one folds the rotation, the store and
+the merge into the split kernel. NOT YET RUN ON A GPU: checked against float64 attention under
+Triton's CPU interpreter (float32), and compiled ahead of time for sm80/sm90 (no spills);
+tests/test_gpu_kernels.py and benchmarks/bench_decode_attention.py cover it on a device.
 
-NOT used by the engine yet: written and checked against the torch reference (tests, CPU
-interpreter in float32) in a session with no device time left; benchmarks/bench_decode_attention.py
-times it next to FlashInfer. Wire it in for small CUDA-graph batches only if it measures faster.
+Grid (num_seqs, num_kv_heads, num_splits); num_splits is fixed per batch size (from the SM
+count, `SplitKVWorkspace.splits_for`), never from sequence lengths or a length bound, so a CUDA
+graph captured once replays for any lengths (a short sequence leaves some splits empty: they
+only write an empty partial). Program (seq, h, split):
 
-Graph-safe: the grid is (sequences, KV heads, max_splits) with max_splits from a host bound on
-the sequence length (the graph's max_model_len); splits past a sequence's length exit at once
-and the merge reads only the splits that ran.
+1. rotates the GROUP query heads of KV head h and the new token's k exactly as
+   `kernels/triton/rope_store.py` does (float32, rounded once: q to q's dtype, k to the cache
+   dtype);
+2. attends over its contiguous share of the cached keys [0, seq_len - 1) (a run-time range,
+   rounded to BLOCK_N keys); the LAST split also folds in the new token from registers (other
+   programs cannot see a store made in the same launch) and is the only program that stores
+   the rotated k and v at slot_mapping[seq] (slot -1: no store, CUDA-graph padding rows);
+3. writes its partial (unnormalised o, running max m, sum l) to a float32 workspace, then
+   bumps an arrival counter per (seq, h); the program that arrives last merges every split,
+   writes the output and resets the counter to 0 so the next launch (next layer, next graph
+   replay) starts from 0.
+
+Memory ordering of step 3 (not checkable by the CPU interpreter, which runs programs one after
+another): every thread's partial stores precede a CTA barrier (`tl.debug_barrier`, bar.sync);
+then one thread does the counter increment as an acq_rel atomic at GPU scope. Release is
+cumulative over the barrier, so the partials of the whole CTA are visible before its
+increment (the CUTLASS semaphore pattern: __syncthreads, then a releasing atomic). The
+increments form one release sequence, so the last program's acquire synchronises with every
+earlier program's release; Triton broadcasts a scalar atomic's result through shared memory
+behind a barrier, which orders the acquire before every thread's merge loads, and those loads
+are `volatile` (ld.volatile: never served from a possibly stale L1 line of an earlier replay).
+The PTX Triton 3.6 emits for sm90 is exactly that: partial st.global; bar.sync; thread 0's
+atom.global.gpu.acq_rel.add; st.shared + bar.sync + ld.shared of its result; branch;
+ld.volatile.global of the partials (all issued before the first use). The counter reset and the
+next launch's increments are ordered by the kernel boundary (this kernel is launched without
+programmatic dependent launch).
+
+Invariant: the new token's slot is never among the cached keys [0, seq_len - 1) of any
+sequence in the batch (a block being appended to is not shared), so the in-launch store races
+with no read.
 """
 
 from __future__ import annotations
@@ -24,135 +55,239 @@ import torch
 import triton
 import triton.language as tl
 
+BLOCK_N = 32  # keys per loop iteration (two 16-token pages)
+MAX_SPLITS = 32
+
 
 @triton.jit
-def _split_kernel(
-    Q, Cache, BlockTables, SeqLens, PartO, PartM, PartL,
+def _fused_decode_kernel(
+    Q, K, V, Pos, Cos, Sin, Cache, Slots, BlockTables, SeqLens, Out,
+    PartO, PartM, PartL, Counters,
     sm_scale,
-    stride_qt, stride_qh,
-    stride_page, stride_kv, stride_entry, stride_head, stride_bt,
-    stride_ps, stride_ph,
-    PAGE: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
+    stride_page, stride_kv, stride_entry, stride_head, stride_bt, stride_ot,
+    PAGE: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+    GROUP_P2: tl.constexpr, MERGE_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(SeqLens + seq)
-    start = split * CHUNK
-    if start >= seq_len:
-        return
-    end = tl.minimum(seq_len, start + CHUNK)
+    seq64 = seq.to(tl.int64)
+    is_last = split == NUM_SPLITS - 1
+
+    # -- RoPE (HF rotate_half): x*cos + rotate_half(x)*sin, rotate_half(x)[d] = -x[d+D/2] for
+    # d < D/2, x[d-D/2] above; same float32 products as rope_store, rounded once.
+    d = tl.arange(0, D_P2)
+    d_ok = d < D
+    lo = d < D // 2
+    partner = tl.where(lo, d + D // 2, d - D // 2)
+    pos = tl.load(Pos + seq).to(tl.int64)
+    cos = tl.load(Cos + pos * stride_cos + d, mask=d_ok, other=0.0).to(tl.float32)
+    sin = tl.load(Sin + pos * stride_sin + d, mask=d_ok, other=0.0).to(tl.float32)
+    sin = tl.where(lo, -sin, sin)
+
     rows = tl.arange(0, ROWS)  # the GROUP query heads of this KV head, padded for tl.dot
     row_ok = rows < GROUP
     head = kvh * GROUP + rows
-    d = tl.arange(0, D_P2)
-    d_ok = d < D
-    q_ptr = Q + seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
+    qm = row_ok[:, None] & d_ok[None, :]
+    q_row = Q + seq64 * stride_qt + head[:, None] * stride_qh
+    q = tl.load(q_row + d[None, :], mask=qm, other=0.0).to(tl.float32)
+    q_p = tl.load(q_row + partner[None, :], mask=qm, other=0.0).to(tl.float32)
+    q = (q * cos[None, :] + q_p * sin[None, :]).to(Q.dtype.element_ty)
+
+    k_row = K + seq64 * stride_kt + kvh * stride_kh
+    k_new = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
+    k_p = tl.load(k_row + partner, mask=d_ok, other=0.0).to(tl.float32)
+    k_new = (k_new * cos + k_p * sin).to(Cache.dtype.element_ty)
+    v_new = tl.load(V + seq64 * stride_vt + kvh * stride_vh + d, mask=d_ok, other=0.0).to(Cache.dtype.element_ty)
+
+    # -- this split's share of the cached keys [0, seq_len - 1)
+    n_cached = tl.load(SeqLens + seq) - 1
+    share = tl.cdiv(tl.cdiv(n_cached, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * share
+    end = tl.minimum(start + share, n_cached)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 below, m in log2 units
+    m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)  # finite: exp2(m - m') never sees inf - inf
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, D_P2], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 below, m and l in log2 units
-    bt_row = BlockTables + seq.to(tl.int64) * stride_bt
-    for i in tl.static_range(CHUNK // BLOCK_N):
-        n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+    bt_row = BlockTables + seq64 * stride_bt
+    head_off = kvh * stride_head
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
         page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        off = page * stride_page + (n % PAGE).to(tl.int64) * stride_entry + kvh * stride_head
+        off = page * stride_page + (n % PAGE).to(tl.int64) * stride_entry + head_off
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(Cache + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(Cache + stride_kv + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    base = seq.to(tl.int64) * stride_ps + head * stride_ph + split
-    tl.store(PartM + base, m_i, mask=row_ok)
-    tl.store(PartL + base, l_i, mask=row_ok)
-    o_ptr = PartO + (base * D)[:, None] + d[None, :]
-    tl.store(o_ptr, acc, mask=row_ok[:, None] & d_ok[None, :])
+
+    # -- the new token (last split only), from registers
+    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
+    s_new = tl.where(is_last, s_new, float("-inf"))
+    m_new = tl.maximum(m_i, s_new)
+    p_new = tl.exp2(s_new - m_new)
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + p_new
+    acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+    m_i = m_new
+
+    if is_last:
+        slot = tl.load(Slots + seq).to(tl.int64)
+        if slot >= 0:
+            dst = Cache + (slot // PAGE) * stride_page + (slot % PAGE) * stride_entry + head_off + d
+            tl.store(dst, k_new, mask=d_ok)
+            tl.store(dst + stride_kv, v_new, mask=d_ok)
+
+    # -- partials, then the arrival counter; the last program to arrive merges
+    pair = seq64 * HKV + kvh
+    idx = (pair * NUM_SPLITS + split) * GROUP + rows
+    tl.store(PartM + idx, m_i, mask=row_ok)
+    tl.store(PartL + idx, l_i, mask=row_ok)
+    tl.store(PartO + idx[:, None] * D_P2 + d[None, :], acc, mask=qm)
+    tl.debug_barrier()  # every thread's partial stores precede the releasing increment
+    arrived = tl.atomic_add(Counters + pair, 1, sem="acq_rel", scope="gpu")
+    if arrived == NUM_SPLITS - 1:
+        # The splits' (m, l, o) in chunks of MERGE_P splits (all of them at the default split
+        # counts), each chunk's loads issued together: one memory round trip, not one per split.
+        g = tl.arange(0, GROUP_P2)
+        g_ok = g < GROUP
+        m_run = tl.full([GROUP_P2], -1.0e30, dtype=tl.float32)
+        l_tot = tl.zeros([GROUP_P2], dtype=tl.float32)
+        o_tot = tl.zeros([GROUP_P2, D_P2], dtype=tl.float32)
+        for p0 in tl.static_range(0, NUM_SPLITS, MERGE_P):
+            sc = p0 + tl.arange(0, MERGE_P)
+            cidx = (pair * NUM_SPLITS + sc[:, None]) * GROUP + g[None, :]  # [MERGE_P, GROUP_P2]
+            ok = (sc < NUM_SPLITS)[:, None] & g_ok[None, :]
+            m = tl.load(PartM + cidx, mask=ok, other=-1.0e30, volatile=True)
+            l_part = tl.load(PartL + cidx, mask=ok, other=0.0, volatile=True)
+            o_ok = ok[:, :, None] & d_ok[None, None, :]
+            o = tl.load(PartO + cidx[:, :, None] * D_P2 + d[None, None, :], mask=o_ok, other=0.0, volatile=True)
+            m_next = tl.maximum(m_run, tl.max(m, axis=0))
+            a_run = tl.exp2(m_run - m_next)
+            w = tl.exp2(m - m_next[None, :])  # empty splits: m = -1e30, weight 0
+            l_tot = l_tot * a_run + tl.sum(l_part * w, axis=0)
+            o_tot = o_tot * a_run[:, None] + tl.sum(o * w[:, :, None], axis=0)
+            m_run = m_next
+        l_tot = tl.where(g_ok, l_tot, 1.0)  # padded rows: 0/0 otherwise (never stored)
+        o_ptr = Out + seq64 * stride_ot + (kvh * GROUP + g)[:, None] * D + d[None, :]
+        tl.store(o_ptr, (o_tot / l_tot[:, None]).to(Out.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        tl.atomic_xchg(Counters + pair, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
-@triton.jit
-def _merge_kernel(
-    Out, PartO, PartM, PartL, SeqLens,
-    stride_ot, stride_oh, stride_ps, stride_ph,
-    CHUNK: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK_P: tl.constexpr,
-    D: tl.constexpr, D_P2: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    n_splits = tl.cdiv(tl.load(SeqLens + seq), CHUNK)
-    d = tl.arange(0, D_P2)
-    d_ok = d < D
-    base = seq.to(tl.int64) * stride_ps + head * stride_ph
-    m_run = -1.0e30
-    l_run = 0.0
-    o_run = tl.zeros([D_P2], dtype=tl.float32)
-    for p0 in tl.static_range(0, MAX_SPLITS, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < n_splits
-        m = tl.load(PartM + base + p, mask=p_ok, other=-1.0e30)
-        l_part = tl.load(PartL + base + p, mask=p_ok, other=0.0)
-        o = tl.load(PartO + ((base + p) * D)[:, None] + d[None, :], mask=p_ok[:, None] & d_ok[None, :], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m, axis=0))
-        w = tl.exp2(m - m_new)
-        alpha = tl.exp2(m_run - m_new)
-        l_run = l_run * alpha + tl.sum(l_part * w, axis=0)
-        o_run = o_run * alpha + tl.sum(o * w[:, None], axis=0)
-        m_run = m_new
-    o_ptr = Out + seq.to(tl.int64) * stride_ot + head * stride_oh + d
-    tl.store(o_ptr, (o_run / l_run).to(Out.dtype.element_ty), mask=d_ok)
+class SplitKVWorkspace:
+    """Partials and arrival counters of `fused_decode_attention`, owned by one attention
+    backend and allocated once (fixed addresses, so CUDA graphs may bake them in).
+
+    max_seqs: the largest decode batch it serves; counters [max_seqs * Hkv] int32 start at 0
+    and every launch leaves them at 0. Not shareable between streams: launches that use one
+    workspace must be ordered (one stream; layers run one after another)."""
+
+    def __init__(
+        self,
+        max_seqs: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        device: torch.device,
+        max_splits: int | None = None,
+    ) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        self.max_seqs = max_seqs
+        self.num_kv_heads = num_kv_heads
+        self.group = num_heads // num_kv_heads
+        self.d_p2 = max(16, triton.next_power_of_2(head_dim))
+        device = torch.device(device)
+        if device.type == "cuda":
+            self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            self.sm_count = 132  # the CPU interpreter: H200-like splits
+        self.max_splits = min(MAX_SPLITS, max_splits or self._fill(1))
+        rows = max(1, max_seqs) * num_kv_heads * self.max_splits * self.group
+        self.part_o = torch.empty((rows, self.d_p2), dtype=torch.float32, device=device)
+        self.part_m = torch.empty(rows, dtype=torch.float32, device=device)
+        self.part_l = torch.empty(rows, dtype=torch.float32, device=device)
+        self.counters = torch.zeros(max(1, max_seqs) * num_kv_heads, dtype=torch.int32, device=device)
+
+    def _fill(self, num_seqs: int) -> int:
+        """The largest power of two p with num_seqs * Hkv * p <= the SM count (at least 1)."""
+        per = self.sm_count // max(1, num_seqs * self.num_kv_heads)
+        return 1 << max(0, per.bit_length() - 1)
+
+    def splits_for(self, num_seqs: int) -> int:
+        """Splits per (sequence, KV head): about one program per SM in all, a power of two,
+        at most `max_splits` (16 for one sequence of 8 KV heads on a 132-SM H200, 4 for four)."""
+        return max(1, min(self._fill(num_seqs), self.max_splits))
 
 
-def decode_attention(
+def fused_decode_attention(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     kv_layer: torch.Tensor,
+    slot_mapping: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
-    max_seq_len: int,
     scale: float,
-    chunk: int = 64,
+    workspace: SplitKVWorkspace,
+    num_splits: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of one query per sequence over its whole paged context (keys [0, seq_len)).
+    """Decode attention (one new token per sequence) with RoPE and the K/V store fused in.
 
-    q: [S, Hq, D] (row i = sequence i's query); kv_layer: [num_blocks, 2, block_size, Hkv, D]
-    (strided view ok); block_tables: [S, W] int32; seq_lens: [S] int32, each >= 1 and <=
-    max_seq_len (a host bound: it sizes the grid, so a CUDA graph captured with it stays
-    valid); chunk: keys per split (a multiple of 32). Returns out [S, Hq, D] in q's dtype."""
+    q: [S, Hq, D], k/v: [S, Hkv, D] the new tokens, unrotated (strided views of the qkv
+    projection ok, unit innermost stride); positions: [S] int; cos/sin: [max_positions, D];
+    kv_layer: [num_blocks, 2, block_size, Hkv, D] (strided layer view); slot_mapping: [S] int,
+    -1 = no store; block_tables: [S, W] int32; seq_lens: [S] int32 >= 1, INCLUDING the new token
+    (keys [0, seq_len - 1) are read from the cache, the new one from k/v). q and the cache must
+    share a dtype. S <= workspace.max_seqs. num_splits: None = `workspace.splits_for(S)`.
+    out: None or [S, Hq * D] with unit stride along a row. Returns out [S, Hq * D] in q's dtype.
+    No host sync and no allocation but `out`: graph-safe for any seq_lens."""
     s, hq, d = q.shape
     hkv = kv_layer.shape[3]
-    group = hq // hkv
-    if chunk % 32 or hq % hkv:
-        raise ValueError("chunk must be a multiple of 32 and Hq a multiple of Hkv")
+    if hq != hkv * workspace.group or hkv != workspace.num_kv_heads or d % 2:
+        raise ValueError(f"heads {hq}/{hkv} x {d} do not match the workspace")
+    if kv_layer.dim() != 5 or kv_layer.shape[1] != 2 or kv_layer.stride(-1) != 1:
+        raise ValueError(f"expected a layer view [blocks, 2, block_size, heads, dim], got {tuple(kv_layer.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("fused_decode_attention needs unit innermost strides")
+    if q.dtype != kv_layer.dtype:
+        raise ValueError(f"q dtype {q.dtype} != cache dtype {kv_layer.dtype}")
+    if s > workspace.max_seqs:
+        raise ValueError(f"{s} sequences exceed the workspace's {workspace.max_seqs}")
+    splits = num_splits or workspace.splits_for(s)
+    if splits > workspace.max_splits:
+        raise ValueError(f"{splits} splits exceed the workspace's {workspace.max_splits}")
     if out is None:
-        out = torch.empty_like(q)
-    max_splits = max(1, triton.cdiv(max_seq_len, chunk))
-    part_o = torch.empty((s, hq, max_splits, d), dtype=torch.float32, device=q.device)
-    part_m = torch.empty((s, hq, max_splits), dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
+        out = torch.empty((s, hq * d), dtype=q.dtype, device=q.device)
+    elif out.shape != (s, hq * d) or out.stride(-1) != 1:
+        raise ValueError(f"out must be [{s}, {hq * d}] with unit row stride")
     if s:
-        d_p2 = max(16, triton.next_power_of_2(d))
-        _split_kernel[(s, hkv, max_splits)](
-            q, kv_layer, block_tables, seq_lens, part_o, part_m, part_l,
+        gp2, ns_p2 = triton.next_power_of_2(workspace.group), triton.next_power_of_2(splits)
+        _fused_decode_kernel[(s, hkv, splits)](
+            q, k, v, positions, cos, sin, kv_layer, slot_mapping, block_tables, seq_lens, out,
+            workspace.part_o, workspace.part_m, workspace.part_l, workspace.counters,
             scale,
-            q.stride(0), q.stride(1),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
             kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
-            block_tables.stride(0),
-            part_m.stride(0), part_m.stride(1),
-            PAGE=kv_layer.shape[2], GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
-            CHUNK=chunk, BLOCK_N=32, D=d, D_P2=d_p2, num_warps=4,
-        )  # fmt: skip
-        _merge_kernel[(s, hq)](
-            out, part_o, part_m, part_l, seq_lens,
-            out.stride(0), out.stride(1), part_m.stride(0), part_m.stride(1),
-            CHUNK=chunk, MAX_SPLITS=max_splits, BLOCK_P=min(32, triton.next_power_of_2(max_splits)),
-            D=d, D_P2=d_p2, num_warps=4,
+            block_tables.stride(0), out.stride(0),
+            PAGE=kv_layer.shape[2], HKV=hkv, GROUP=workspace.group,
+            ROWS=max(16, triton.next_power_of_2(workspace.group)),
+            NUM_SPLITS=splits, BLOCK_N=BLOCK_N, D=d, D_P2=workspace.d_p2,
+            GROUP_P2=gp2, MERGE_P=min(ns_p2, max(1, 64 // gp2)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+            num_warps=4,
         )  # fmt: skip
     return out
