@@ -38,9 +38,9 @@ def randomize(model, bias: bool) -> None:
                 p.normal_(0.0, 0.5)
 
 
-def run_one_token(model, cfg, dtype, device, fused: bool, fused_linear=None) -> tuple[torch.Tensor, torch.Tensor]:
+def run_one_token(model, cfg, dtype, device, fused: bool, fused_linear=None):
     """One decode token (position 37, 37 cached tokens of random context) through the model;
-    returns (final hidden state, the cache after the step)."""
+    returns (final hidden state, the cache after the step, the logits)."""
     gen = torch.Generator(device=device).manual_seed(1)
     cache = random_cache(16, cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, dtype, device, gen)
     meta = make_batch([1], [37], 16, 16, device, gen)
@@ -52,9 +52,10 @@ def run_one_token(model, cfg, dtype, device, fused: bool, fused_linear=None) -> 
     try:
         ids = torch.tensor([7], device=device)
         hidden = model(ids, torch.tensor([37], device=device), attn)
+        logits = model.compute_logits(hidden)
     finally:
         ops.set_impl(fuses_linears=saved[0], fused_linear=saved[1])
-    return hidden, cache
+    return hidden, cache, logits
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -64,10 +65,11 @@ def test_fused_path_is_the_same_block_on_cpu(bias):
     model = LlamaForCausalLM(cfg, torch.float32, 64)
     init_random_weights(model, seed=3)
     randomize(model, bias)
-    plain, plain_cache = run_one_token(model, cfg, torch.float32, torch.device("cpu"), fused=False)
-    fused, fused_cache = run_one_token(model, cfg, torch.float32, torch.device("cpu"), fused=True)
+    plain, plain_cache, plain_logits = run_one_token(model, cfg, torch.float32, torch.device("cpu"), fused=False)
+    fused, fused_cache, fused_logits = run_one_token(model, cfg, torch.float32, torch.device("cpu"), fused=True)
     assert torch.equal(plain, fused)
     assert torch.equal(plain_cache, fused_cache)  # the K/V stored for the token too
+    assert torch.equal(plain_logits, fused_logits)
     assert plain.abs().sum() > 0
 
 
@@ -86,10 +88,11 @@ def test_fused_path_matches_unfused_on_gpu(dtype, hidden, inter, heads, kv_heads
     randomize(model, bias)
     kt.install()
     try:
-        plain, plain_cache = run_one_token(model, cfg, dtype, dev, fused=False)
-        fused, fused_cache = run_one_token(model, cfg, dtype, dev, fused=True,
-                                           fused_linear=ops.fused_linear)
+        plain, plain_cache, plain_logits = run_one_token(model, cfg, dtype, dev, fused=False)
+        fused, fused_cache, fused_logits = run_one_token(model, cfg, dtype, dev, fused=True,
+                                                         fused_linear=ops.fused_linear)
     finally:
         kt.uninstall()
     assert rel_err(fused, plain.double()) < 2e-2
     assert rel_err(fused_cache, plain_cache.double()) < 2e-2
+    assert rel_err(fused_logits, plain_logits.double()) < 2e-2

@@ -126,7 +126,10 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] (normed) -> logits [N, vocab] float32."""
+        """hidden [N, hidden] (normed) -> logits [N, vocab] float32 (rounded to the model's
+        dtype first, as the linear layer rounds; one-row batches use the fused GEMV)."""
+        if ops.fuses_linears(hidden):
+            return ops.fused_linear(hidden, self.lm_head.weight).float()
         return self.lm_head(hidden).float()
 
     # -- weights ---------------------------------------------------------------------------
