@@ -8,7 +8,7 @@
   (norm prologue for qkv and gate_up, SiLU·mul epilogue for gate_up, residual epilogue for o
   and down), best of a sweep of BLOCK_N / BLOCK_K / warps per shape;
 - plain: the same GEMV with no prologue or epilogue against plain cuBLAS, to see the GEMV
-  itself; and fused with programmatic dependent launch (opt-in: each call may start while the
+  itself; and fused with programmatic dependent launch (default on sm90+: each call may start while the
   last one finishes).
 
 Each time is a CUDA graph of 32 back-to-back calls over 32 distinct weights (as the decode

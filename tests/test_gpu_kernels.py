@@ -294,7 +294,7 @@ def test_split_kv_decode_backend_on_off(name, hq, hkv, d, lens, graph, gen):
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs sm90+")
 def test_gemv_chain_with_pdl(gen):
-    """The opt-in PDL launch: a chain of GEMVs, each reading the previous one's output (and a
+    """The PDL launch (default on sm90+): a chain of GEMVs, each reading the previous one's output (and a
     residual two kernels back), inside a CUDA graph, equals the chain without PDL."""
     import kernels.triton.gemv as g
 
@@ -325,6 +325,64 @@ def test_gemv_chain_with_pdl(gen):
     finally:
         g.USE_PDL = saved
     assert torch.equal(out, ref)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs sm90+")
+@pytest.mark.parametrize("lens", [[200], [1000], [3, 4097]])
+def test_fused_decode_attention_in_a_pdl_chain(lens, gen):
+    """The batch-1 layer's attention as the decode graph runs it with PDL: norm+qkv GEMV ->
+    fused decode attention (which loads its cached keys BEFORE waiting for the GEMV) -> o GEMV
+    with the residual, captured in a CUDA graph and replayed; outputs and the stored K/V equal
+    the same chain launched without PDL, bit for bit, every replay."""
+    import kernels.triton.gemv as g
+    from kernels.triton.decode_attention import SplitKVWorkspace, fused_decode_attention
+
+    hq, hkv, d, hidden, dtype = 32, 8, 128, 4096, torch.bfloat16
+    cache, meta, slots, _, _, _ = _fused_inputs(lens, hq, hkv, d, dtype, gen)
+    rope = RotaryEmbedding(d, 8192, 500000.0, LLAMA3, dtype).to(DEV)
+    pos = meta.seq_lens.long() - 1
+    ws = SplitKVWorkspace(8, hq, hkv, d, DEV)
+    t = len(lens)
+    x = randn(t, hidden, dtype=dtype, gen=gen)
+    nw = randn(hidden, dtype=dtype, gen=gen, scale=0.3) + 1
+    w_qkv = randn((hq + 2 * hkv) * d, hidden, dtype=dtype, gen=gen, scale=0.02)
+    w_o = randn(hidden, hq * d, dtype=dtype, gen=gen, scale=0.02)
+    before = cache.clone()
+
+    def chain():
+        outs = []
+        for i in range(t):  # one-row GEMVs, as at batch 1
+            outs.append(g.gemv(x[i : i + 1], w_qkv, norm_weight=nw, eps=1e-5))
+        qkv = torch.cat(outs)
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        a = fused_decode_attention(q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d), pos,
+                                   rope.cos, rope.sin, cache[:, 1], slots, meta.block_tables,
+                                   meta.seq_lens, d**-0.5, ws)
+        return torch.cat([g.gemv(a[i : i + 1], w_o, residual=x[i : i + 1]) for i in range(t)])
+
+    saved = g.USE_PDL
+    try:
+        g.USE_PDL = False
+        ref = chain()
+        ref_cache = cache.clone()
+        cache.copy_(before)
+        g.USE_PDL = True
+        chain()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        for _ in range(20):
+            cache.copy_(before)
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, ref)
+            assert torch.equal(cache, ref_cache)
+    finally:
+        g.USE_PDL = saved
+    assert not ws.counters.any()
 
 
 def test_install_routes_cuda_tensors_only(gen):

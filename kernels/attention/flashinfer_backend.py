@@ -64,6 +64,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             if split_kv_decode_max_batch > 0 else None
         )
         self._fused_decode = False
+        self._pending_plan = None  # FlashInfer's plan for the current batch, when deferred
         # Imported here: the CPU test suite must never import flashinfer or triton.
         import flashinfer
 
@@ -135,9 +136,17 @@ class FlashInferAttentionBackend(AttentionBackend):
         )
 
     def plan(self, metadata: AttentionMetadata) -> None:
-        self._wait_previous_plan()
         self.metadata = m = metadata
         self._fused_decode = self._split_kv is not None and self._split_kv.applies(m)
+        if self._fused_decode:  # forward_rope needs no FlashInfer plan: make it on demand
+            self._pending_plan = self._plan_eager
+        else:
+            self._plan_eager()
+
+    def _plan_eager(self) -> None:
+        self._pending_plan = None
+        self._wait_previous_plan()
+        m = self.metadata
         nd = m.num_decode_seqs
         indptr, last, indices, indptr_list = self._page_info(m)
         self._decode = self._decode_eager
@@ -161,7 +170,18 @@ class FlashInferAttentionBackend(AttentionBackend):
         m = metadata
         if m.num_decode_seqs != m.num_seqs:
             raise ValueError("CUDA graphs cover pure-decode batches only")
+        self.metadata = m
+        self._has_prefill = False
+        self._fused_decode = self._split_kv is not None and self._split_kv.applies(m)
+        if self._fused_decode:  # forward_rope needs no FlashInfer plan: make it on demand
+            self._pending_plan = self._plan_graph
+        else:
+            self._plan_graph()
+
+    def _plan_graph(self) -> None:
+        self._pending_plan = None
         self._wait_previous_plan()
+        m = self.metadata
         bs = m.num_seqs
         wrapper = self._graph_decode.get(bs)
         if wrapper is None:
@@ -176,17 +196,16 @@ class FlashInferAttentionBackend(AttentionBackend):
                 paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=dev),
             )
             self._graph_decode[bs] = wrapper
-        self.metadata = m
-        self._fused_decode = self._split_kv is not None and self._split_kv.applies(m)
         indptr, last, indices, _ = self._page_info(m)
         self._plan_decode(wrapper, indptr, indices, last)
         self._decode = wrapper
         self._plan_done()
-        self._has_prefill = False
 
     # -- running ----------------------------------------------------------------------------
 
     def _attend(self, q: torch.Tensor, layer_view: torch.Tensor) -> torch.Tensor:
+        if self._pending_plan is not None:  # a batch planned for the fused path, run otherwise
+            self._pending_plan()
         m = self.metadata
         nd = m.num_decode_seqs
         out = torch.empty_like(q)

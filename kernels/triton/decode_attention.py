@@ -54,6 +54,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from kernels.triton.gemv import pdl_enabled
 
 BLOCK_N = 32  # keys per loop iteration (two 16-token pages)
 MAX_SPLITS = 32
@@ -69,23 +72,46 @@ def _fused_decode_kernel(
     PAGE: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
     GROUP_P2: tl.constexpr, MERGE_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq64 = seq.to(tl.int64)
     is_last = split == NUM_SPLITS - 1
-
-    # -- RoPE (HF rotate_half): x*cos + rotate_half(x)*sin, rotate_half(x)[d] = -x[d+D/2] for
-    # d < D/2, x[d-D/2] above; same float32 products as rope_store, rounded once.
     d = tl.arange(0, D_P2)
     d_ok = d < D
+
+    # -- first what the preceding kernel (the qkv linear) does not write: the step's metadata,
+    # the rope tables and the first tile of this split's share of the cached keys [0, L - 1)
+    # (a run-time range, rounded to BLOCK_N keys). With PDL these loads overlap that kernel's
+    # tail; q, k and v are read only after gdc_wait.
+    n_cached = tl.load(SeqLens + seq) - 1
+    share = tl.cdiv(tl.cdiv(n_cached, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * share
+    end = tl.minimum(start + share, n_cached)
+    bt_row = BlockTables + seq64 * stride_bt
+    head_off = kvh * stride_head
+    n = start + tl.arange(0, BLOCK_N)
+    n_ok = n < end
+    page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+    off = page * stride_page + (n % PAGE).to(tl.int64) * stride_entry + head_off
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k0 = tl.load(Cache + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v0 = tl.load(Cache + stride_kv + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+
+    # RoPE (HF rotate_half): x*cos + rotate_half(x)*sin, rotate_half(x)[d] = -x[d+D/2] for
+    # d < D/2, x[d-D/2] above; same float32 products as rope_store, rounded once.
     lo = d < D // 2
     partner = tl.where(lo, d + D // 2, d - D // 2)
     pos = tl.load(Pos + seq).to(tl.int64)
     cos = tl.load(Cos + pos * stride_cos + d, mask=d_ok, other=0.0).to(tl.float32)
     sin = tl.load(Sin + pos * stride_sin + d, mask=d_ok, other=0.0).to(tl.float32)
     sin = tl.where(lo, -sin, sin)
+
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
     rows = tl.arange(0, ROWS)  # the GROUP query heads of this KV head, padded for tl.dot
     row_ok = rows < GROUP
@@ -102,18 +128,15 @@ def _fused_decode_kernel(
     k_new = (k_new * cos + k_p * sin).to(Cache.dtype.element_ty)
     v_new = tl.load(V + seq64 * stride_vt + kvh * stride_vh + d, mask=d_ok, other=0.0).to(Cache.dtype.element_ty)
 
-    # -- this split's share of the cached keys [0, seq_len - 1)
-    n_cached = tl.load(SeqLens + seq) - 1
-    share = tl.cdiv(tl.cdiv(n_cached, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * share
-    end = tl.minimum(start + share, n_cached)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 below, m in log2 units
-    m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)  # finite: exp2(m - m') never sees inf - inf
-    l_i = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, D_P2], dtype=tl.float32)
-    bt_row = BlockTables + seq64 * stride_bt
-    head_off = kvh * stride_head
-    for n0 in range(start, end, BLOCK_N):
+    # the first tile (loaded above), then the rest of the share
+    s = tl.dot(q, tl.trans(k0), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_i = tl.maximum(tl.max(s, axis=1), -1.0e30)  # finite: exp2(m - m') never sees inf - inf
+    p = tl.exp2(s - m_i[:, None])
+    l_i = tl.sum(p, axis=1)
+    acc = tl.dot(p.to(v0.dtype), v0, input_precision=DOT_PRECISION)
+    for n0 in range(start + BLOCK_N, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
         page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
@@ -275,6 +298,7 @@ def fused_decode_attention(
     elif out.shape != (s, hq * d) or out.stride(-1) != 1:
         raise ValueError(f"out must be [{s}, {hq * d}] with unit row stride")
     if s:
+        pdl = q.is_cuda and pdl_enabled()
         gp2, ns_p2 = triton.next_power_of_2(workspace.group), triton.next_power_of_2(splits)
         _fused_decode_kernel[(s, hkv, splits)](
             q, k, v, positions, cos, sin, kv_layer, slot_mapping, block_tables, seq_lens, out,
@@ -288,6 +312,6 @@ def fused_decode_attention(
             NUM_SPLITS=splits, BLOCK_N=BLOCK_N, D=d, D_P2=workspace.d_p2,
             GROUP_P2=gp2, MERGE_P=min(ns_p2, max(1, 64 // gp2)),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-            num_warps=4,
+            PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return out

@@ -41,9 +41,9 @@ def _gemv_kernel(
     """N output columns; with GATED the weight has 2N rows (gate | up) and each program
     accumulates its gate rows and the matching up rows side by side.
 
-    PDL (launched with programmatic dependent launch, sm90+, opt-in): the next kernel may be
-    scheduled as soon as all of this one's programs run, and this one waits for the previous
-    kernel's writes before reading anything."""
+    PDL (launched with programmatic dependent launch, sm90+, see `pdl_enabled`): the next
+    kernel may be scheduled as soon as all of this one's programs run, and this one waits for
+    the previous kernel's writes before reading anything."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -105,15 +105,27 @@ CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
 
 
 def _pdl_default() -> bool:
-    """Programmatic dependent launch: opt-in (PDSERVE_GEMV_PDL=1), sm90+ only. Off by default: in
-    the batch-1 decode graph it measured between 4% slower and 2% faster across runs
-    (benchmarks/results/2026-12-02-gpu-llama8b-b1.md, -b1-2.md)."""
-    if os.environ.get("PDSERVE_GEMV_PDL", "0") != "1" or not torch.cuda.is_available():
+    """Programmatic dependent launch for the one-row decode kernels (these GEMVs and the fused
+    decode attention, kernels/triton/decode_attention.py): on by default on sm90+, off with
+    PDSERVE_PDL=0. In the batch-1 decode graph of the 8B model it measured 1.02x faster in
+    three runs on two H200s (benchmarks/results/2026-12-02-gpu-llama8b-b1-2.md, -b1-3.md and
+    this session's); an earlier variant that loaded its first weight tile before waiting
+    measured 4% slower (-b1.md) and is gone."""
+    if os.environ.get("PDSERVE_PDL", "1") == "0" or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability()[0] >= 9
 
 
 USE_PDL: bool | None = None  # None: decided at the first launch (_pdl_default); benchmarks set it
+
+
+def pdl_enabled() -> bool:
+    """Whether the decode kernels launch with programmatic dependent launch (`_pdl_default`,
+    unless a benchmark set USE_PDL)."""
+    global USE_PDL
+    if USE_PDL is None:
+        USE_PDL = _pdl_default()
+    return USE_PDL
 
 
 def config_for(n: int, k: int, gated: bool) -> tuple[int, int, int]:
@@ -150,10 +162,7 @@ def gemv(
     if residual is not None and (tuple(residual.shape) != (1, n) or residual.stride(1) != 1):
         raise ValueError(f"residual must be [1, {n}] with unit stride, got {tuple(residual.shape)}")
     bn, bk, warps = config or config_for(n, k, silu_mul)
-    global USE_PDL
-    if USE_PDL is None:
-        USE_PDL = _pdl_default()
-    pdl = USE_PDL and x.is_cuda
+    pdl = x.is_cuda and pdl_enabled()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, weight, y,
