@@ -37,3 +37,27 @@ def drive(eng: EngineCore, num_requests: int = 14, scale: int = 1) -> dict[str, 
             logprobs[o.request_id] += [lp.logprob for lp in o.new_logprobs or []]
         step += 1
     return {rid: (tokens[rid], logprobs[rid]) for rid in tokens}
+
+
+def drive_batch(eng: EngineCore, num_requests: int = 6) -> dict[str, tuple[list[int], list[float]]]:
+    """Every request arrives at once and stops by length only (greedy with logprobs, seeded
+    top-p), at different lengths: the steps' batches are the same whatever the engine stages
+    or launches ahead, so the tokens must be too (with arrivals or early stops, step overlap
+    may legitimately batch a step differently, and bf16 kernels differ by batch size)."""
+    gen = torch.Generator().manual_seed(1)
+    tokens: dict[str, list[int]] = {}
+    logprobs: dict[str, list[float]] = {}
+    for i in range(num_requests):
+        n = int(torch.randint(3, 60, (1,), generator=gen))
+        prompt = torch.randint(100, min(40000, eng.vocab_size), (n,), generator=gen).tolist()
+        if i % 2:
+            params = SamplingParams(max_tokens=20 + 9 * i, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True)
+        else:
+            params = SamplingParams(max_tokens=20 + 9 * i, temperature=0.0, ignore_eos=True, logprobs=2)
+        eng.add_request(f"b{i}", prompt, params)
+        tokens[f"b{i}"], logprobs[f"b{i}"] = [], []
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            tokens[o.request_id] += o.new_token_ids
+            logprobs[o.request_id] += [lp.logprob for lp in o.new_logprobs or []]
+    return {rid: (tokens[rid], logprobs[rid]) for rid in tokens}
