@@ -89,4 +89,12 @@ def test_overlap_gives_the_same_tokens(backend):
     check_clean(eng)
     del eng
     gc.collect()
+    base_mixed, eng = run(False, backend)
+    same = sum(mixed[rid][0] == toks for rid, (toks, _) in base_mixed.items())
+    first = {rid: next((i for i, (a, b) in enumerate(zip(toks, mixed[rid][0], strict=False)) if a != b), None)
+             for rid, (toks, _) in base_mixed.items()}
+    print(f"[{backend}] mixed workload: {same}/{len(base_mixed)} requests token-identical to the "
+          f"plain engine; first differing token per request: {first}")
+    del eng
+    gc.collect()
     torch.cuda.empty_cache()
