@@ -124,6 +124,18 @@ def split_kv_decode_max_batch() -> int:
     return int(os.environ.get("PDSERVE_SPLIT_KV_DECODE_MAX_BATCH", "4"))
 
 
+def pdl_choice(device: torch.device) -> Choice:
+    """Whether the one-row decode kernels (the fused GEMVs, the fused decode attention) launch
+    with programmatic dependent launch on `device` (the rule of kernels/triton/gemv.py
+    `_pdl_default`: sm90+, unless PDSERVE_PDL=0)."""
+    if os.environ.get("PDSERVE_PDL", "1") == "0":
+        return Choice("off", "PDSERVE_PDL=0")
+    if device.type != "cuda":
+        return Choice("off", "not a CUDA device")
+    major, minor = torch.cuda.get_device_capability(device)
+    return Choice("on", "sm90+") if major >= 9 else Choice("off", f"needs sm90+, this is sm{major}{minor}")
+
+
 def install_fused_ops(device: torch.device) -> str:
     """Route `kernels.ops` to the Triton kernels when they can run on `device`; logs one line
     and returns the implementation name ("triton" or "torch")."""

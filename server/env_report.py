@@ -14,6 +14,7 @@ from kernels.capabilities import (
     choose_attention_backend,
     fused_gemv_enabled,
     module_version,
+    pdl_choice,
     split_kv_decode_max_batch,
     triton_ops_usable,
 )
@@ -62,6 +63,8 @@ def report() -> list[tuple[str, str]]:
         if ops.name == "triton":
             rows.append((f"{dev} batch-1 GEMV", "fused Triton GEMVs" if fused_gemv_enabled()
                          else "cuBLAS + norm/SiLU kernels (PDSERVE_FUSED_GEMV=0)"))
+            pdl = pdl_choice(dev)
+            rows.append((f"{dev} programmatic dependent launch", f"{pdl.name} ({pdl.why})"))
     return rows
 
 

@@ -141,3 +141,20 @@ def test_random_model_runs_in_the_engine():
     assert llm.engine.model_name == "random-smollm2-135m"
     out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     assert len(out[0].token_ids) == 4
+
+
+def test_pdl_choice_follows_capability_and_env(monkeypatch):
+    """Programmatic dependent launch: on for sm90+ unless PDSERVE_PDL=0. The device capability
+    is patched (no GPU on the CI machine: the one mock here)."""
+    from kernels.capabilities import pdl_choice
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv("PDSERVE_PDL", raising=False)
+    assert pdl_choice(torch.device("cpu")).name == "off"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert pdl_choice(cuda) == ("on", "sm90+")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert pdl_choice(cuda) == ("off", "needs sm90+, this is sm80")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("PDSERVE_PDL", "0")
+    assert pdl_choice(cuda) == ("off", "PDSERVE_PDL=0")

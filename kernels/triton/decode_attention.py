@@ -8,9 +8,17 @@ latency, yet the FlashInfer path costs three kernels (rope_store 2.8 us + tensor
 merge kernel, after a K/V store kernel, no RoPE) measured 9.2 us/layer at batch 1, context 256,
 vs 12.1 us for the K/V store + FlashInfer, also without RoPE
 (benchmarks/results/2026-12-02-decode-attention.md); this one folds the rotation, the store and
-the merge into the split kernel. NOT YET RUN ON A GPU: checked against float64 attention under
-Triton's CPU interpreter (float32), and compiled ahead of time for sm80/sm90 (no spills);
-tests/test_gpu_kernels.py and benchmarks/bench_decode_attention.py cover it on a device.
+the merge into the split kernel. Measured on an H200 (forward_rope per layer, inside a CUDA
+graph; benchmarks/results/2026-12-02-decode-attention-2.md): 8.1 / 9.9 / 17.8 us at batch 1,
+context 256 / 1024 / 4096, vs 12.9 / 14.7 / 18.0 us for rope_store + FlashInfer's tensor-core
+decode; at batch 4, 9.5 / 15.0-17.4 vs 15.0 / 18.0. In the batch-1 decode graph of the 8B model
+it is launched with programmatic dependent launch (sm90+, see kernels/triton/gemv.py
+`pdl_enabled`): everything that does not come from the preceding qkv GEMV (the step's
+metadata, the rope tables, the first BLOCK_N cached keys and values of the split) is loaded
+before `gdc_wait`, so those loads overlap that GEMV's tail
+(benchmarks/results/2026-12-02-gpu-llama8b-b1-5.md). Tested on the GPU by
+tests/test_gpu_kernels.py (eager, CUDA-graph replays, a PDL chain with the GEMVs) and on the CPU
+interpreter by tests/test_decode_attention_interpreter.py.
 
 Grid (num_seqs, num_kv_heads, num_splits); num_splits is fixed per batch size (from the SM
 count, `SplitKVWorkspace.splits_for`), never from sequence lengths or a length bound, so a CUDA
