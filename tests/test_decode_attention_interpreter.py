@@ -112,7 +112,7 @@ def test_fused_decode_workspace_reuse(dec):
     hq, hkv, d, nb = 8, 2, 32, 40
     gen = torch.Generator().manual_seed(7)
     ws = dec.SplitKVWorkspace(4, hq, hkv, d, CPU)
-    assert ws.max_splits == 32 and ws.splits_for(1) == 32 and ws.splits_for(4) == 16
+    assert ws.max_splits == 32 and ws.splits_for(1) == 32 and ws.splits_for(4) == 32
     rope = RotaryEmbedding(d, 512, 10000.0, None, torch.float32)
     for lens, splits in (([40, 3], 4), ([200], None), ([1, 64, 65, 16], 2)):
         cache = random_cache(nb, 1, BS, hkv, d, torch.float32, CPU, gen)
