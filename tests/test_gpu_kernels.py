@@ -291,6 +291,28 @@ def test_split_kv_decode_backend_on_off(name, hq, hkv, d, lens, graph, gen):
     assert torch.equal(fused_cache[:, 1], cache[:, 1])  # layer 1 untouched by both
 
 
+def _without_then_captured_with_pdl(chain, reset=None):
+    """Run `chain` with PDL off (the reference), call `reset`, then capture it in a CUDA graph
+    with PDL on; returns (reference output, graph, the graph's output)."""
+    import kernels.triton.gemv as g
+
+    saved = g.USE_PDL
+    try:
+        g.USE_PDL = False
+        ref = chain()
+        if reset is not None:
+            reset()
+        g.USE_PDL = True
+        chain()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+    finally:
+        g.USE_PDL = saved
+    return ref, graph, out
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs sm90+")
 def test_gemv_chain_with_pdl(gen):
@@ -309,21 +331,10 @@ def test_gemv_chain_with_pdl(gen):
         h = g.gemv(s, ws[2], norm_weight=nw, eps=1e-5)
         return g.gemv(h, ws[3], residual=s)
 
-    saved = g.USE_PDL
-    try:
-        g.USE_PDL = False
-        ref = chain()
-        g.USE_PDL = True
-        chain()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain()
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-    finally:
-        g.USE_PDL = saved
+    ref, graph, out = _without_then_captured_with_pdl(chain)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
     assert torch.equal(out, ref)
 
 
@@ -361,27 +372,20 @@ def test_fused_decode_attention_in_a_pdl_chain(lens, gen):
                                    meta.seq_lens, d**-0.5, ws)
         return torch.cat([g.gemv(a[i : i + 1], w_o, residual=x[i : i + 1]) for i in range(t)])
 
-    saved = g.USE_PDL
-    try:
-        g.USE_PDL = False
-        ref = chain()
-        ref_cache = cache.clone()
+    ref_cache = []
+
+    def reset():  # after the reference run: keep its cache, start the PDL runs from `before`
+        ref_cache.append(cache.clone())
         cache.copy_(before)
-        g.USE_PDL = True
-        chain()
+
+    ref, graph, out = _without_then_captured_with_pdl(chain, reset)
+    for _ in range(20):
+        cache.copy_(before)
+        out.fill_(float("nan"))
+        graph.replay()
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain()
-        for _ in range(20):
-            cache.copy_(before)
-            out.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, ref)
-            assert torch.equal(cache, ref_cache)
-    finally:
-        g.USE_PDL = saved
+        assert torch.equal(out, ref)
+        assert torch.equal(cache, ref_cache[0])
     assert not ws.counters.any()
 
 

@@ -27,7 +27,6 @@ import torch
 
 from kernels.attention.base import AttentionBackend, AttentionMetadata
 from kernels.attention.split_kv_decode import SplitKVDecode
-from kernels.capabilities import split_kv_decode_max_batch as split_kv_decode_max_batch_setting
 
 WORKSPACE_BYTES = 256 << 20
 
@@ -57,11 +56,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._cuda_core_max_batch = cuda_core_decode_max_batch
         # forward_rope of pure-decode batches of up to this many sequences: the fused split-KV
         # kernel. None: env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH (default 4); 0 = never.
-        if split_kv_decode_max_batch is None:
-            split_kv_decode_max_batch = split_kv_decode_max_batch_setting()
-        self._split_kv = (
-            SplitKVDecode(split_kv_decode_max_batch, kv_cache, num_heads, num_kv_heads, head_dim, self.scale)
-            if split_kv_decode_max_batch > 0 else None
+        self._split_kv = SplitKVDecode.for_backend(
+            split_kv_decode_max_batch, kv_cache, num_heads, num_kv_heads, head_dim, self.scale
         )
         self._fused_decode = False
         self._pending_plan = None  # FlashInfer's plan for the current batch, when deferred

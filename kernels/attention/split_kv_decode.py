@@ -40,6 +40,27 @@ class SplitKVDecode:
         self.workspace = SplitKVWorkspace(max_batch, num_heads, num_kv_heads, head_dim, kv_cache.device)
         self._fn = fused_decode_attention
 
+    @classmethod
+    def for_backend(
+        cls,
+        max_batch: int | None,
+        kv_cache: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+    ) -> SplitKVDecode | None:
+        """What a backend owns for `split_kv_decode_max_batch`: None = the setting of
+        kernels.capabilities (env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH, default 4); 0 = never (None
+        is returned)."""
+        if max_batch is None:
+            from kernels.capabilities import split_kv_decode_max_batch
+
+            max_batch = split_kv_decode_max_batch()
+        if max_batch <= 0:
+            return None
+        return cls(max_batch, kv_cache, num_heads, num_kv_heads, head_dim, scale)
+
     def applies(self, m: AttentionMetadata) -> bool:
         """A pure-decode batch (one new token per sequence) of 1..max_batch sequences."""
         return m.num_decode_seqs == m.num_seqs == m.num_tokens and 0 < m.num_seqs <= self.max_batch
