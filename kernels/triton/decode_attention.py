@@ -71,6 +71,21 @@ MAX_SPLITS = 32
 
 
 @triton.jit
+def _load_kv_tile(Cache, bt_row, n0, end, d, d_ok, head_off, stride_page, stride_kv, stride_entry,
+                  PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys and values of cached positions [n0, n0 + BLOCK_N) (those below `end`) of one KV
+    head through the block table: (valid [BLOCK_N], k [BLOCK_N, D_P2], v [BLOCK_N, D_P2])."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = n < end
+    page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+    off = page * stride_page + (n % PAGE).to(tl.int64) * stride_entry + head_off
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(Cache + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(Cache + stride_kv + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    return n_ok, k, v
+
+
+@triton.jit
 def _fused_decode_kernel(
     Q, K, V, Pos, Cos, Sin, Cache, Slots, BlockTables, SeqLens, Out,
     PartO, PartM, PartL, Counters,
@@ -100,13 +115,8 @@ def _fused_decode_kernel(
     end = tl.minimum(start + share, n_cached)
     bt_row = BlockTables + seq64 * stride_bt
     head_off = kvh * stride_head
-    n = start + tl.arange(0, BLOCK_N)
-    n_ok = n < end
-    page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-    off = page * stride_page + (n % PAGE).to(tl.int64) * stride_entry + head_off
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k0 = tl.load(Cache + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v0 = tl.load(Cache + stride_kv + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    n_ok, k0, v0 = _load_kv_tile(Cache, bt_row, start, end, d, d_ok, head_off,
+                                 stride_page, stride_kv, stride_entry, PAGE, BLOCK_N)
 
     # RoPE (HF rotate_half): x*cos + rotate_half(x)*sin, rotate_half(x)[d] = -x[d+D/2] for
     # d < D/2, x[d-D/2] above; same float32 products as rope_store, rounded once.
@@ -145,13 +155,8 @@ def _fused_decode_kernel(
     l_i = tl.sum(p, axis=1)
     acc = tl.dot(p.to(v0.dtype), v0, input_precision=DOT_PRECISION)
     for n0 in range(start + BLOCK_N, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        off = page * stride_page + (n % PAGE).to(tl.int64) * stride_entry + head_off
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(Cache + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(Cache + stride_kv + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        n_ok, k, v = _load_kv_tile(Cache, bt_row, n0, end, d, d_ok, head_off,
+                                   stride_page, stride_kv, stride_entry, PAGE, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
