@@ -132,12 +132,17 @@ class FlashInferAttentionBackend(AttentionBackend):
         )
 
     def plan(self, metadata: AttentionMetadata) -> None:
-        self.metadata = m = metadata
+        self._plan_or_defer(metadata, self._plan_eager)
+
+    def _plan_or_defer(self, m: AttentionMetadata, make_plan) -> None:
+        """Plan FlashInfer for `m` now, or, for a batch that forward_rope runs on the fused
+        kernel (which needs no plan), only when something asks for FlashInfer (`_attend`)."""
+        self.metadata = m
         self._fused_decode = self._split_kv is not None and self._split_kv.applies(m)
-        if self._fused_decode:  # forward_rope needs no FlashInfer plan: make it on demand
-            self._pending_plan = self._plan_eager
+        if self._fused_decode:
+            self._pending_plan = make_plan
         else:
-            self._plan_eager()
+            make_plan()
 
     def _plan_eager(self) -> None:
         self._pending_plan = None
@@ -166,13 +171,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         m = metadata
         if m.num_decode_seqs != m.num_seqs:
             raise ValueError("CUDA graphs cover pure-decode batches only")
-        self.metadata = m
         self._has_prefill = False
-        self._fused_decode = self._split_kv is not None and self._split_kv.applies(m)
-        if self._fused_decode:  # forward_rope needs no FlashInfer plan: make it on demand
-            self._pending_plan = self._plan_graph
-        else:
-            self._plan_graph()
+        self._plan_or_defer(m, self._plan_graph)
 
     def _plan_graph(self) -> None:
         self._pending_plan = None
