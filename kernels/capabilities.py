@@ -126,8 +126,8 @@ def split_kv_decode_max_batch() -> int:
 
 def pdl_choice(device: torch.device) -> Choice:
     """Whether the one-row decode kernels (the fused GEMVs, the fused decode attention) launch
-    with programmatic dependent launch on `device` (the rule of kernels/triton/gemv.py
-    `_pdl_default`: sm90+, unless PDSERVE_PDL=0)."""
+    with programmatic dependent launch on `device`: sm90+, unless PDSERVE_PDL=0 (the kernels
+    ask kernels/triton/gemv.py `pdl_enabled`, which applies this rule)."""
     if os.environ.get("PDSERVE_PDL", "1") == "0":
         return Choice("off", "PDSERVE_PDL=0")
     if device.type != "cuda":

@@ -22,12 +22,12 @@ recomputed by every program from the activation row, which stays in L2 (8 KB at 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from kernels.capabilities import pdl_choice
 
 
 @triton.jit
@@ -106,14 +106,15 @@ CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
 
 def _pdl_default() -> bool:
     """Programmatic dependent launch for the one-row decode kernels (these GEMVs and the fused
-    decode attention, kernels/triton/decode_attention.py): on by default on sm90+, off with
-    PDSERVE_PDL=0. In the batch-1 decode graph of the 8B model it measured 1.02x faster in
-    three runs on two H200s (benchmarks/results/2026-12-02-gpu-llama8b-b1-2.md, -b1-3.md and
-    this session's); an earlier variant that loaded its first weight tile before waiting
-    measured 4% slower (-b1.md) and is gone."""
-    if os.environ.get("PDSERVE_PDL", "1") == "0" or not torch.cuda.is_available():
+    decode attention, kernels/triton/decode_attention.py) on the current device: the rule of
+    `kernels.capabilities.pdl_choice` (sm90+, unless PDSERVE_PDL=0). In the batch-1 decode
+    graph of the 8B model it measured 1.02x faster in three runs on two H200s
+    (benchmarks/results/2026-12-02-gpu-llama8b-b1-2.md, -b1-4.md, -b1-5.md); an earlier
+    variant that loaded its first weight tile before waiting measured 4% slower (-b1.md) and
+    is gone."""
+    if not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability()[0] >= 9
+    return pdl_choice(torch.device("cuda", torch.cuda.current_device())).name == "on"
 
 
 USE_PDL: bool | None = None  # None: decided at the first launch (_pdl_default); benchmarks set it
