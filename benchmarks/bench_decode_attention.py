@@ -7,7 +7,7 @@ one-launch split-KV kernel (kernels/triton/decode_attention.py) at fixed split c
 FlashInfer backend with its defaults (the fused kernel up to PDSERVE_SPLIT_KV_DECODE_MAX_BATCH
 sequences). Each variant is planned once, then 32 calls (one per layer) are captured in a CUDA
 graph; time = graph replay / 32. Also the KV bytes each call must read at the measured D2D copy
-rate, and the largest output difference from the first variant. (Results before 2026-12-03
+rate, and the largest output difference from the first variant. (2026-12-02-decode-attention.md and earlier
 timed `forward`, store + attend without RoPE.)
 
     python benchmarks/bench_decode_attention.py [--batches 1,8,64] [--contexts 256,2048,8192]
