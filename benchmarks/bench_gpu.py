@@ -159,7 +159,7 @@ def phase_breakdown(engine: EngineCore, steps: int) -> dict[str, float]:
 
     settle(engine)
     runner, graphs = engine.runner, engine.runner.cuda_graphs
-    names = ["schedule", "host batch", "stage + plan", "graph replay", "logits + sample", "update"]
+    names = ["schedule", "host batch", "stage + plan", "graph replay", "sample", "update"]
     phases: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(steps):
         torch.cuda.synchronize()
@@ -173,12 +173,12 @@ def phase_breakdown(engine: EngineCore, steps: int) -> dict[str, float]:
         runner.attn.plan_cuda_graph(meta)
         torch.cuda.synchronize()
         t.append(time.perf_counter())
-        graph, hidden = graphs._graphs[bs]
+        graph, logits = graphs._graphs[bs]
         graph.replay()
         torch.cuda.synchronize()
         t.append(time.perf_counter())
         rows = [SamplingRow.from_request(s.request) for s in out.scheduled]
-        result = runner.sampler(runner.model.compute_logits(hidden[: len(ids)]), rows)
+        result = runner.sampler(logits[: len(ids)], rows)
         t.append(time.perf_counter())
         engine.scheduler.update(
             out,
@@ -250,6 +250,53 @@ def profile_replays(graph: torch.cuda.CUDAGraph, replays: int) -> tuple[str, dic
         if e.device_type == DeviceType.CUDA
     ]
     return kernel_table(kernels, replays)
+
+
+GRAPH_KERNELS = ("_gemv_kernel", "_fused_decode_kernel")
+
+
+def step_timeline(kernels: list[tuple[str, float, float]], steps: int) -> str:
+    """What the device runs between two decode graphs: `kernels` (name, start_us, duration_us)
+    of `steps` engine steps, in order, as a table of the last full step; runs of the graph's
+    own kernels (GRAPH_KERNELS) collapse into one row."""
+    ks = sorted(kernels, key=lambda k: k[1])
+    rows: list[list[object]] = []
+    for name, start, dur in ks:
+        graph = name.startswith(GRAPH_KERNELS)
+        if graph and rows and rows[-1][0] == "graph kernels":
+            rows[-1][1] += 1
+            rows[-1][3] = start + dur - rows[-1][2]
+            continue
+        rows.append(["graph kernels" if graph else name[:60], 1, start, dur])
+    # keep the rows after the second-last graph run up to and including the last one
+    marks = [i for i, r in enumerate(rows) if r[0] == "graph kernels"]
+    if len(marks) >= 2:
+        rows = rows[marks[-2] + 1 : marks[-1] + 1]
+    t0 = rows[0][2] if rows else 0.0
+    out, prev_end = [], None
+    for name, count, start, dur in rows:
+        gap = "" if prev_end is None else f"{start - prev_end:.1f}"
+        out.append([name, count, f"{start - t0:.1f}", f"{dur:.1f}", gap])
+        prev_end = start + dur
+    return table(["device work", "kernels", "start us", "us", "gap before, us"], out)
+
+
+@torch.inference_mode()
+def profile_steps(engine: EngineCore, steps: int) -> str:
+    """Kernel timeline (CUPTI through torch.profiler) of `steps` real engine steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    timed_steps(engine, 3)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timed_steps(engine, steps)
+        torch.cuda.synchronize()
+    kernels = [
+        (e.name, float(e.time_range.start), float(e.time_range.elapsed_us()))
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA
+    ]
+    return step_timeline(kernels, steps)
 
 
 def main() -> int:
@@ -328,22 +375,22 @@ def main() -> int:
     settle(engine)
     graphs = engine.runner.cuda_graphs
     breakdowns: dict[int, dict[str, float]] = {}
-    profile_md = ""
+    profile_md = timeline_md = ""
     if graphs is not None:
         from triton.testing import do_bench
 
         from kernels import ops
 
         fused_default = ops.fuses_linears is not ops.never
-        # The graph holds the 32 layers; lm_head runs after it (with the sampler).
-        layers_roof = (weight_bytes - params["lm_head.weight"]) / bw
+        # The graph holds the 32 layers, the final norm and lm_head; the sampler runs after it.
+        graph_roof = weight_bytes / bw
         ms = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
         rows.append(
             [
-                "  graph replay alone (layers, no lm_head)",
+                "  graph replay alone (layers + lm_head)",
                 f"{ms:.2f} ms",
-                f"roofline {layers_roof * 1e3:.2f} ms",
-                f"{ms * 1e-3 / layers_roof:.2f}x roofline",
+                f"roofline {graph_roof * 1e3:.2f} ms",
+                f"{ms * 1e-3 / graph_roof:.2f}x roofline",
             ]
         )
         if fused_default:
@@ -358,6 +405,7 @@ def main() -> int:
             set_fused_linears(engine, True)
             timed_steps(engine, 5)
             tpot_fused = statistics.median(timed_steps(engine, args.steps))
+            ms = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
             rows.append(
                 [
                     "  same, fused linears off (cuBLAS + norm/SiLU kernels)",
@@ -380,10 +428,15 @@ def main() -> int:
                     "  graph replay, fused linears off",
                     f"{ms_unfused:.2f} ms",
                     f"fused on: {ms:.2f} ms",
-                    f"{ms_unfused * 1e-3 / layers_roof:.2f}x roofline; fused is {ms_unfused / ms:.2f}x faster",
+                    f"{ms_unfused * 1e-3 / graph_roof:.2f}x roofline; fused is {ms_unfused / ms:.2f}x faster",
                 ]
             )
         g1 = graphs._graphs[1][0]
+        timeline_md = (
+            "\n\nBatch-1 decode, one engine step as the device runs it (default settings; "
+            "torch.profiler/CUPTI over 4 steps, the last full one shown):\n\n"
+            + profile_steps(engine, 4)
+        )
         breakdowns[1] = phase_breakdown(engine, 20)
         if args.profile_replays:
             profile_md, prof = profile_replays(g1, args.profile_replays)
@@ -393,7 +446,7 @@ def main() -> int:
                 f"torch.profiler/CUPTI): {prof['kernels_per_replay']} kernels per replay, "
                 f"{prof['busy_us'] / 1e3:.3f} ms of kernel time in a {prof['span_us'] / 1e3:.3f} ms "
                 f"span (first kernel start to last kernel end; {gap / 1e3:.3f} ms between "
-                f"kernels); layers' roofline {layers_roof * 1e3:.2f} ms.\n\n" + profile_md
+                f"kernels); graph's roofline {graph_roof * 1e3:.2f} ms.\n\n" + profile_md
             )
     while engine.has_unfinished_requests():
         engine.abort(
@@ -472,7 +525,7 @@ def main() -> int:
                 for b, d in breakdowns.items()
             ],
         )
-    out += profile_md
+    out += timeline_md + profile_md
     print(head)
     print(out)
     path = write_result(

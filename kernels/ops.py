@@ -41,16 +41,18 @@ def fused_linear_ref(
     eps: float = 0.0,
     silu_mul: bool = False,
     residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """A linear layer with its neighbours: act(linear(pre(x), weight, bias)) [+ residual], where
     pre is rms_norm(x) * norm_weight or nothing, act is silu(gate) * up over the output
-    (weight = gate | up) or nothing."""
+    (weight = gate | up) or nothing; out_dtype: the result (in x's dtype) widened to it."""
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, eps)
     y = F.linear(x, weight, bias)
     if silu_mul:
         y = silu_and_mul_ref(y)
-    return y if residual is None else y + residual
+    y = y if residual is None else y + residual
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 rms_norm = rms_norm_ref

@@ -40,7 +40,8 @@ def randomize(model, bias: bool) -> None:
 
 def run_one_token(model, cfg, dtype, device, fused: bool, fused_linear=None):
     """One decode token (position 37, 37 cached tokens of random context) through the model;
-    returns (final hidden state, the cache after the step, the logits)."""
+    returns (final hidden state, the cache after the step, the logits, the logits of
+    `forward_logits`: what the decode CUDA graphs capture, run again on the same inputs)."""
     gen = torch.Generator(device=device).manual_seed(1)
     cache = random_cache(16, cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, dtype, device, gen)
     meta = make_batch([1], [37], 16, 16, device, gen)
@@ -53,9 +54,12 @@ def run_one_token(model, cfg, dtype, device, fused: bool, fused_linear=None):
         ids = torch.tensor([7], device=device)
         hidden = model(ids, torch.tensor([37], device=device), attn)
         logits = model.compute_logits(hidden)
+        cache_after = cache.clone()
+        graph_logits = model.forward_logits(ids, torch.tensor([37], device=device), attn)
     finally:
         ops.set_impl(fuses_linears=saved[0], fused_linear=saved[1])
-    return hidden, cache, logits
+    assert graph_logits.dtype == logits.dtype == torch.float32
+    return hidden, cache_after, logits, graph_logits
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -65,11 +69,14 @@ def test_fused_path_is_the_same_block_on_cpu(bias):
     model = LlamaForCausalLM(cfg, torch.float32, 64)
     init_random_weights(model, seed=3)
     randomize(model, bias)
-    plain, plain_cache, plain_logits = run_one_token(model, cfg, torch.float32, torch.device("cpu"), fused=False)
-    fused, fused_cache, fused_logits = run_one_token(model, cfg, torch.float32, torch.device("cpu"), fused=True)
+    plain, plain_cache, plain_logits, plain_graph = run_one_token(model, cfg, torch.float32, torch.device("cpu"), fused=False)
+    fused, fused_cache, fused_logits, fused_graph = run_one_token(model, cfg, torch.float32, torch.device("cpu"), fused=True)
     assert torch.equal(plain, fused)
     assert torch.equal(plain_cache, fused_cache)  # the K/V stored for the token too
     assert torch.equal(plain_logits, fused_logits)
+    # forward_logits: the final norm inside lm_head on the fused path, the same numbers
+    assert torch.equal(plain_graph, plain_logits)
+    assert torch.equal(fused_graph, plain_logits)
     assert plain.abs().sum() > 0
 
 
@@ -88,11 +95,13 @@ def test_fused_path_matches_unfused_on_gpu(dtype, hidden, inter, heads, kv_heads
     randomize(model, bias)
     kt.install()
     try:
-        plain, plain_cache, plain_logits = run_one_token(model, cfg, dtype, dev, fused=False)
-        fused, fused_cache, fused_logits = run_one_token(model, cfg, dtype, dev, fused=True,
-                                                         fused_linear=ops.fused_linear)
+        plain, plain_cache, plain_logits, plain_graph = run_one_token(model, cfg, dtype, dev, fused=False)
+        fused, fused_cache, fused_logits, fused_graph = run_one_token(model, cfg, dtype, dev, fused=True,
+                                                                      fused_linear=ops.fused_linear)
     finally:
         kt.uninstall()
     assert rel_err(fused, plain.double()) < 2e-2
     assert rel_err(fused_cache, plain_cache.double()) < 2e-2
     assert rel_err(fused_logits, plain_logits.double()) < 2e-2
+    assert torch.equal(plain_graph, plain_logits)
+    assert rel_err(fused_graph, plain_logits.double()) < 2e-2  # norm inside lm_head's GEMV

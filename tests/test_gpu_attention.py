@@ -126,6 +126,9 @@ def test_decode_cuda_graph_replay(name, gen):
                 outs.append(attn.forward_rope(layer, q, k, v, positions, rope))
             return torch.cat(outs, dim=-1)
 
+        def forward_logits(self, ids, positions, attn):  # what CudaGraphRunner captures
+            return self.forward(ids, positions, attn)
+
     model = TinyModel()
     graphs = CudaGraphRunner(model, backend, block_size, max_num_seqs=8, max_model_len=1024,
                              dummy_block=dummy, device=DEV)

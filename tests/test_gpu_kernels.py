@@ -103,6 +103,20 @@ def test_gemv(dtype, n, k, fuse, config, gen):
         gemv(randn(2, k, dtype=dtype, gen=gen), w, bias, **kw)
 
 
+@pytest.mark.parametrize(("n", "k"), [(49152, 576), (128256, 4096)])
+def test_gemv_float32_out(n, k, gen):
+    """lm_head in the decode graph: the final norm fused in and float32 stored by the kernel,
+    bit for bit the bf16 output widened."""
+    from kernels.triton.gemv import gemv
+
+    w = randn(n, k, dtype=torch.bfloat16, gen=gen, scale=0.05)
+    x = randn(1, k, dtype=torch.bfloat16, gen=gen, scale=2.0)
+    kw = dict(norm_weight=randn(k, dtype=torch.bfloat16, gen=gen, scale=0.3) + 1, eps=1e-5)
+    out = gemv(x, w, out_dtype=torch.float32, **kw)
+    assert out.dtype == torch.float32 and out.shape == (1, n)
+    assert torch.equal(out, gemv(x, w, **kw).float())
+
+
 FUSED_SHAPES = [(32, 8, 128), (9, 3, 64), (8, 8, 128)]
 FUSED_LENS = {
     "one": [1],

@@ -7,7 +7,7 @@ step's sampled tokens, on the real SmolLM2 model in float32.
 CUDA graphs cannot run on a CPU, so `EagerGraphs` stands in for `CudaGraphRunner` (the one
 mock here): `stage` keeps the batch, taking the input ids from the given token tensor and rows
 as the real one gathers them on the device, and `replay` runs the model eagerly on what was
-staged. A wrong gather or a prepared batch replayed for the wrong step would change tokens; the
+staged, up to the logits as the real graphs do. A wrong gather or a prepared batch replayed for the wrong step would change tokens; the
 real graphs are checked the same way on a GPU in tests/test_gpu_lookahead.py."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class EagerGraphs:
             b.input_ids, b.positions, b.slots, [1] * n, b.seq_lens, list(range(n + 1)), b.block_tables
         )
         self.runner.attn.plan(meta)
-        return self.runner.model(ids, pos, self.runner.attn)
+        return self.runner.model.forward_logits(ids, pos, self.runner.attn)
 
 
 def engine(lookahead: bool, overlap: bool = False) -> EngineCore:

@@ -43,7 +43,9 @@ def _gemv_kernel(
 
     PDL (launched with programmatic dependent launch, sm90+, see `pdl_enabled`): the next
     kernel may be scheduled as soon as all of this one's programs run, and this one waits for
-    the previous kernel's writes before reading anything."""
+    the previous kernel's writes before reading anything. (Asking L2 for the program's weight
+    slice before that wait measured slower: 1.13x on every GEMV of the 8B batch-1 decode graph,
+    1.01x on o_proj alone, benchmarks/results/2026-12-02-gpu-llama8b-b1-7.md.)"""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -54,7 +56,7 @@ def _gemv_kernel(
     up_rows = w_rows + N * stride_wn
     NUM_K: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = K % BLOCK_K == 0
-    dt = Y.dtype.element_ty
+    dt = X.dtype.element_ty  # the roundings; Y may be wider (float32 logits)
     rstd = 0.0
     if NORM:
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -90,7 +92,7 @@ def _gemv_kernel(
         y = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up
     if HAS_RES:
         y = y.to(dt).to(tl.float32) + tl.load(R + rn, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(Y + rn, y.to(dt), mask=n_ok)
+    tl.store(Y + rn, y.to(dt).to(Y.dtype.element_ty), mask=n_ok)
 
 
 # (BLOCK_N, BLOCK_K, num_warps) per (output columns, K), measured on an H200 with
@@ -145,13 +147,16 @@ def gemv(
     eps: float = 0.0,
     silu_mul: bool = False,
     residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
     config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """One row: x [1, K] -> [1, N] in x's dtype, N = weight rows (half of them with silu_mul).
 
     norm_weight: RMSNorm x first (eps); bias: added in float32 before the output's rounding
     (as F.linear); silu_mul: the weight is gate | up, the output SiLU(gate) * up; residual
-    [1, N]: added last. config = (BLOCK_N, BLOCK_K, num_warps), default from CONFIGS."""
+    [1, N]: added last; out_dtype: the output, rounded to x's dtype first, is stored widened
+    to it (float32 logits without a second kernel). config = (BLOCK_N, BLOCK_K, num_warps),
+    default from CONFIGS."""
     rows, k = weight.shape
     n = rows // 2 if silu_mul else rows
     if silu_mul and (rows % 2 or bias is not None):
@@ -164,7 +169,7 @@ def gemv(
         raise ValueError(f"residual must be [1, {n}] with unit stride, got {tuple(residual.shape)}")
     bn, bk, warps = config or config_for(n, k, silu_mul)
     pdl = x.is_cuda and pdl_enabled()
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((1, n), dtype=out_dtype or x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, weight, y,
         bias if bias is not None else y, norm_weight if norm_weight is not None else y,

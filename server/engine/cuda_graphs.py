@@ -2,6 +2,11 @@
 inputs copied into static buffers, so a decode step costs one H2D copy, a few tiny copies, the
 backend's plan and one graph launch instead of ~15 kernel launches per layer.
 
+- A graph runs the whole forward pass up to float32 logits (`model.forward_logits`: the
+  layers, the final norm, lm_head), so the sampler's kernels follow the replay directly; at
+  batch 1 the norm runs inside lm_head's fused GEMV, launched as the last layer's dependent.
+  The logits buffers stay allocated: sum(buckets) x vocab x 4 bytes (`output_bytes`).
+
 - Buckets 1, 2, 4, ..., up to max_num_seqs (which is itself a bucket). A batch of n sequences
   runs in the smallest bucket >= n; rows n..bucket-1 are padding: token 0 at position 0, slot -1
   (the K/V store skips it) and a one-token context in the dummy block (a KV block that the block
@@ -92,6 +97,12 @@ class CudaGraphRunner:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
 
+    @staticmethod
+    def output_bytes(max_num_seqs: int, vocab_size: int) -> int:
+        """Device memory the captured graphs' logits outputs keep (the rest of their activations
+        share one pool with the largest graph's)."""
+        return sum(bucket_sizes(max_num_seqs)) * vocab_size * 4
+
     def bucket(self, n: int) -> int:
         for b in self.sizes:
             if b >= n:
@@ -160,11 +171,11 @@ class CudaGraphRunner:
             meta, _ = self._stage(pad, bs)
             self.attn.plan_cuda_graph(meta)
             # Warm-up outside the graph: compiles Triton kernels, creates cuBLAS handles.
-            self.model(self.input_ids[:bs], self.positions[:bs], self.attn)
+            self.model.forward_logits(self.input_ids[:bs], self.positions[:bs], self.attn)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self.model(self.input_ids[:bs], self.positions[:bs], self.attn)
+                out = self.model.forward_logits(self.input_ids[:bs], self.positions[:bs], self.attn)
             if self._pool is None:
                 self._pool = graph.pool()
             self._graphs[bs] = (graph, out)
@@ -197,8 +208,8 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def replay(self, staged: StagedDecode) -> torch.Tensor:
-        """Replay a staged batch; returns hidden states [n, hidden] (a view of the graph's output
-        buffer, valid until the next replay)."""
+        """Replay a staged batch; returns float32 logits [n, vocab] (a view of the graph's output
+        buffer, valid until the next replay of that graph)."""
         graph, out = self._graphs[staged.bucket]
         graph.replay()
         return out[: staged.num_seqs]

@@ -123,16 +123,18 @@ class EngineCore:
         self.kv_spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, self.dtype)
         max_len = config.max_model_len or cfg.max_position_embeddings
         backend_cls = select_backend(config.attention_backend, self.device)
+        use_graphs = on_cuda and not config.enforce_eager and backend_cls.supports_cuda_graphs
+        graph_sizes = min(config.max_num_seqs, max(BUCKETS))
         if on_cuda and config.gpu_memory_utilization > 0:
             budget = profile_kv_cache_bytes(
                 self.model, backend_cls, self.kv_spec, cfg.num_heads, cfg.vocab_size,
                 config.max_num_batched_tokens, config.max_num_seqs, max_len,
                 config.gpu_memory_utilization, self.device,
+                extra_reserve=CudaGraphRunner.output_bytes(graph_sizes, cfg.vocab_size) if use_graphs else 0,
             )
         else:
             budget = parse_size(config.kv_cache_memory)
         num_blocks = num_blocks_for_budget(self.kv_spec, budget)
-        use_graphs = on_cuda and not config.enforce_eager and backend_cls.supports_cuda_graphs
         if use_graphs:
             num_blocks -= 1  # one block stays out of the pool: CUDA-graph padding rows use it
             if num_blocks < 1:
@@ -159,8 +161,7 @@ class EngineCore:
         )
         graphs = None
         if use_graphs:
-            graphs = CudaGraphRunner(self.model, self.attn, config.block_size,
-                                     min(config.max_num_seqs, max(BUCKETS)), max_len,
+            graphs = CudaGraphRunner(self.model, self.attn, config.block_size, graph_sizes, max_len,
                                      dummy_block=num_blocks, device=self.device)
             graphs.capture()
         elif on_cuda:

@@ -54,10 +54,12 @@ def profile_kv_cache_bytes(
     max_model_len: int,
     utilization: float,
     device: torch.device,
+    extra_reserve: int = 0,
 ) -> int:
     """Bytes the KV cache may take. Runs one full-size prefill step (one sequence of
     min(max_num_batched_tokens, max_model_len) tokens through the chosen backend, logits and a
-    top-p sampling of max_num_seqs rows) on a scratch cache and measures its peak."""
+    top-p sampling of max_num_seqs rows) on a scratch cache and measures its peak.
+    extra_reserve: bytes on top of RESERVE_BYTES that will stay allocated (CUDA graphs' outputs)."""
     if not 0.0 < utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
     torch.cuda.synchronize(device)
@@ -95,7 +97,8 @@ def profile_kv_cache_bytes(
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     in_use = total - free
-    budget = kv_budget(total, free, torch.cuda.memory_reserved(device), peak, utilization)
+    budget = kv_budget(total, free, torch.cuda.memory_reserved(device), peak, utilization,
+                       reserve=RESERVE_BYTES + extra_reserve)
     log.info(
         "GPU memory: %.1f GiB total, %.1f GiB in use (all processes), warm-up peak %.2f GiB "
         "for %d tokens; KV cache gets %.1f GiB at utilization %.2f",

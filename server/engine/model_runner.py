@@ -169,12 +169,12 @@ class ModelRunner:
                     self.ahead_missed += 1
             if staged is None:
                 staged = graphs.stage(DecodeBatch(input_ids, positions, slots, seq_lens, tables))
-            hidden = graphs.replay(staged)
+            out_rows, are_logits = graphs.replay(staged), True  # the graph ends in lm_head
         else:
             self.ahead_missed += ahead is not None
             ids, pos_t, meta = self._to_device(*host)
             self.attn.plan(meta)
-            hidden = self.model(ids, pos_t, self.attn)
+            out_rows, are_logits = self.model(ids, pos_t, self.attn), False
         # Only rows whose chunk reaches the end of their known tokens produce a token.
         rows, last = [], []
         for i, s in enumerate(out.scheduled):
@@ -184,11 +184,9 @@ class ModelRunner:
         reqs = [s.request for s in out.scheduled if s.samples]
         if not rows:
             return PendingStep(reqs, None)
-        if len(last) == hidden.shape[0]:  # every row samples (decode steps): no gather
-            picked = hidden
-        else:
-            picked = hidden[device_tensor(last, torch.int64, self.device)]
-        logits = self.model.compute_logits(picked)
+        if len(last) != out_rows.shape[0]:  # else every row samples (decode steps): no gather
+            out_rows = out_rows[device_tensor(last, torch.int64, self.device)]
+        logits = out_rows if are_logits else self.model.compute_logits(out_rows)
         return PendingStep(reqs, self.sampler.launch(logits, rows))
 
     @torch.inference_mode()
@@ -209,9 +207,8 @@ class ModelRunner:
         if ahead is None:
             return None
         self.launched_ahead += 1
-        hidden = self.cuda_graphs.replay(ahead[1])
+        logits = self.cuda_graphs.replay(ahead[1])
         reqs = [r.request for r in rows]
-        logits = self.model.compute_logits(hidden)
         return PendingStep(reqs, self.sampler.launch(logits, [SamplingRow.from_request(r) for r in reqs]))
 
     def _stage_ahead(self, rows: list[DecodeRow], pending: PendingStep) -> tuple[tuple, StagedDecode] | None:

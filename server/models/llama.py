@@ -113,23 +113,42 @@ class LlamaForCausalLM(nn.Module):
             cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype
         )
 
+    def _layers(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last layer's (x, residual): the final norm's input is x + residual."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, self.rope, attn)
+        return x, residual
+
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         """input_ids, positions: [T] int64 -> final-normed hidden states [T, hidden]."""
-        x = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.rope, attn)
-        return self.norm(x, residual)[0]
+        return self.norm(*self._layers(input_ids, positions, attn))[0]
+
+    @torch.inference_mode()
+    def forward_logits(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        """Every row's logits: compute_logits(forward(...)), what the decode CUDA graphs capture.
+        A one-row batch on the fused path runs the final norm inside lm_head's GEMV, which
+        stores float32 itself: one kernel after the last layer, not three."""
+        x, residual = self._layers(input_ids, positions, attn)
+        if residual is None and ops.fuses_linears(x):
+            return ops.fused_linear(x, self.lm_head.weight, norm_weight=self.norm.weight,
+                                    eps=self.norm.eps, out_dtype=torch.float32)
+        return self.compute_logits(self.norm(x, residual)[0])
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] (normed) -> logits [N, vocab] float32 (rounded to the model's
         dtype first, as the linear layer rounds; one-row batches use the fused GEMV)."""
         if ops.fuses_linears(hidden):
-            return ops.fused_linear(hidden, self.lm_head.weight).float()
+            return ops.fused_linear(hidden, self.lm_head.weight, out_dtype=torch.float32)
         return self.lm_head(hidden).float()
 
     # -- weights ---------------------------------------------------------------------------
