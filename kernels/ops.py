@@ -55,8 +55,14 @@ def fused_linear_ref(
     return y if out_dtype is None else y.to(out_dtype)
 
 
+def argmax_ref(x: torch.Tensor) -> torch.Tensor:
+    """x [N, V] -> [N] int64, each row's first maximum (the sampler's greedy pick)."""
+    return x.argmax(dim=-1)
+
+
 rms_norm = rms_norm_ref
 add_rms_norm = add_rms_norm_ref
+argmax = argmax_ref
 silu_and_mul = silu_and_mul_ref
 fused_linear = fused_linear_ref
 
@@ -75,6 +81,6 @@ def set_impl(**impls) -> None:
     """Replace op implementations, e.g. `set_impl(rms_norm=triton_rms_norm)`."""
     g = globals()
     for name, fn in impls.items():
-        if name not in ("rms_norm", "add_rms_norm", "silu_and_mul", "fused_linear", "fuses_linears"):
+        if name not in ("rms_norm", "add_rms_norm", "silu_and_mul", "fused_linear", "fuses_linears", "argmax"):
             raise KeyError(f"unknown op {name!r}")
         g[name] = fn

@@ -117,6 +117,22 @@ def test_gemv_float32_out(n, k, gen):
     assert torch.equal(out, gemv(x, w, **kw).float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 128256), (1, 49152), (3, 4097), (130, 32000), (2, 1)])
+def test_argmax(dtype, rows, vocab, gen):
+    """The sampler's row argmax against torch.argmax, ties (the first wins) and -inf rows included."""
+    from kernels.triton.argmax import argmax
+
+    x = randn(rows, vocab, dtype=dtype, gen=gen, scale=3.0)
+    x[0, vocab // 3] = x[0, (2 * vocab) // 3] = 50.0  # tied maximum in two chunks
+    if rows > 2:
+        x[1] = float("-inf")
+        x[2, -1] = 60.0  # in the last, partial chunk
+    poison_allocator(DEV)
+    assert torch.equal(argmax(x), x.argmax(dim=-1))
+    assert torch.equal(argmax(x[:, : max(1, vocab - 3)]), x[:, : max(1, vocab - 3)].argmax(dim=-1))
+
+
 FUSED_SHAPES = [(32, 8, 128), (9, 3, 64), (8, 8, 128)]
 FUSED_LENS = {
     "one": [1],

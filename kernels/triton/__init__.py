@@ -2,10 +2,10 @@
 triton: only code that has checked for CUDA and Triton (`kernels.capabilities`) imports it.
 
 `install()` routes `kernels.ops` (RMSNorm with fused residual add, SiLU·mul, the one-row fused
-linear) to these kernels for CUDA tensors; tensors on other devices still take the torch
-references, so a CPU model in the same process is unaffected. One-token batches (decode at
-batch 1) run the model's linears fused with their norms / SiLU / residual adds
-(`kernels/triton/gemv.py`); PDSERVE_FUSED_GEMV=0 turns that off.
+linear, the sampler's row argmax) to these kernels for CUDA tensors; tensors on other devices
+still take the torch references, so a CPU model in the same process is unaffected. One-token
+batches (decode at batch 1) run the model's linears fused with their norms / SiLU / residual
+adds (`kernels/triton/gemv.py`); PDSERVE_FUSED_GEMV=0 turns that off.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from kernels import ops
 from kernels.capabilities import fused_gemv_enabled
+from kernels.triton.argmax import argmax as _argmax
 from kernels.triton.gemv import gemv as _gemv
 from kernels.triton.rms_norm import add_rms_norm as _add_rms_norm
 from kernels.triton.rms_norm import rms_norm as _rms_norm
@@ -40,6 +41,12 @@ def _silu_and_mul_dispatch(gate_up: torch.Tensor) -> torch.Tensor:
     return ops.silu_and_mul_ref(gate_up)
 
 
+def _argmax_dispatch(x: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] > 0:
+        return _argmax(x)
+    return ops.argmax_ref(x)
+
+
 def one_cuda_row(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dim() == 2 and x.shape[0] == 1
 
@@ -58,6 +65,7 @@ def install() -> None:
         silu_and_mul=_silu_and_mul_dispatch,
         fused_linear=_fused_linear_dispatch,
         fuses_linears=one_cuda_row if fused_gemv_enabled() else ops.never,
+        argmax=_argmax_dispatch,
     )
 
 
@@ -65,4 +73,4 @@ def uninstall() -> None:
     """Back to the torch references (tests use this to compare both paths in one process)."""
     ops.set_impl(rms_norm=ops.rms_norm_ref, add_rms_norm=ops.add_rms_norm_ref,
                  silu_and_mul=ops.silu_and_mul_ref, fused_linear=ops.fused_linear_ref,
-                 fuses_linears=ops.never)
+                 fuses_linears=ops.never, argmax=ops.argmax_ref)

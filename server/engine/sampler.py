@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from kernels import ops
 from server.engine.host_copy import device_tensor, to_device
 from server.engine.outputs import TokenLogprobs
 from server.engine.request import Request
@@ -135,14 +136,14 @@ class Sampler:
 
         random_rows = [i for i, row in enumerate(rows) if not row.greedy]
         if not random_rows:
-            tokens = x.argmax(dim=-1)
+            tokens = ops.argmax(x)
         elif len(random_rows) == n:
             tokens = self._sample(x, rows)
         else:
             idx = device_tensor(random_rows, torch.int64, x.device)
             sampled = self._sample(x.index_select(0, idx), [rows[i] for i in random_rows])
             # argmax over all N rows is cheaper than gathering the greedy ones first.
-            tokens = x.argmax(dim=-1).index_copy(0, idx, sampled)
+            tokens = ops.argmax(x).index_copy(0, idx, sampled)
         return PendingSample(logits, tokens, rows)
 
     def _sample(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -173,7 +174,7 @@ class Sampler:
             threshold = _column(min_p, device) * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < threshold, 0.0)
 
-        return (probs / self._exponential_noise(rows, vocab, device)).argmax(dim=-1)
+        return ops.argmax(probs / self._exponential_noise(rows, vocab, device))
 
     def _exponential_noise(
         self, rows: Sequence[SamplingRow], vocab: int, device: torch.device
