@@ -431,19 +431,6 @@ def main() -> int:
                     f"{ms_unfused * 1e-3 / graph_roof:.2f}x roofline; fused is {ms_unfused / ms:.2f}x faster",
                 ]
             )
-        logits1 = torch.randn(1, cfg.vocab_size, device="cuda")
-        from kernels.triton.argmax import argmax
-
-        us_torch = 1e3 * do_bench(lambda: logits1.argmax(dim=-1), warmup=20, rep=200, return_mode="median")
-        us_triton = 1e3 * do_bench(lambda: argmax(logits1), warmup=20, rep=200, return_mode="median")
-        rows.append(
-            [
-                f"  sampler argmax, 1 x {cfg.vocab_size} float32",
-                f"{us_triton:.1f} us (kernels/triton/argmax.py)",
-                f"torch.argmax {us_torch:.1f} us",
-                f"{us_torch / us_triton:.1f}x faster",
-            ]
-        )
         g1 = graphs._graphs[1][0]
         timeline_md = (
             "\n\nBatch-1 decode, one engine step as the device runs it (default settings; "
