@@ -232,33 +232,38 @@ def kernel_table(kernels: list[tuple[str, float, float]], replays: int) -> tuple
 
 
 @torch.inference_mode()
-def profile_replays(graph: torch.cuda.CUDAGraph, replays: int) -> tuple[str, dict]:
-    """Kernel-level profile (CUPTI through torch.profiler) of `replays` replays of `graph`."""
+def device_kernels(run) -> list[tuple[str, float, float]]:
+    """(name, start_us, duration_us) of every device kernel / memcpy that `run()` queues,
+    recorded with torch.profiler (CUPTI); `run` ends with a device sync."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            graph.replay()
+        run()
         torch.cuda.synchronize()
-    kernels = [
+    return [
         (e.name, float(e.time_range.start), float(e.time_range.elapsed_us()))
         for e in prof.events()
         if e.device_type == DeviceType.CUDA
     ]
-    return kernel_table(kernels, replays)
+
+
+def profile_replays(graph: torch.cuda.CUDAGraph, replays: int) -> tuple[str, dict]:
+    """Kernel-level profile of `replays` replays of `graph`."""
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    return kernel_table(device_kernels(lambda: [graph.replay() for _ in range(replays)]), replays)
 
 
 GRAPH_KERNELS = ("_gemv_kernel", "_fused_decode_kernel")
 
 
-def step_timeline(kernels: list[tuple[str, float, float]], steps: int) -> str:
+def step_timeline(kernels: list[tuple[str, float, float]]) -> str:
     """What the device runs between two decode graphs: `kernels` (name, start_us, duration_us)
-    of `steps` engine steps, in order, as a table of the last full step; runs of the graph's
-    own kernels (GRAPH_KERNELS) collapse into one row."""
+    of a few engine steps, as a table of the last full step (what follows the second-last
+    graph up to the last one); runs of the graph's own kernels (GRAPH_KERNELS) collapse into
+    one row."""
     ks = sorted(kernels, key=lambda k: k[1])
     rows: list[list[object]] = []
     for name, start, dur in ks:
@@ -281,22 +286,10 @@ def step_timeline(kernels: list[tuple[str, float, float]], steps: int) -> str:
     return table(["device work", "kernels", "start us", "us", "gap before, us"], out)
 
 
-@torch.inference_mode()
 def profile_steps(engine: EngineCore, steps: int) -> str:
-    """Kernel timeline (CUPTI through torch.profiler) of `steps` real engine steps."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
+    """The device timeline of `steps` real engine steps (`step_timeline`)."""
     timed_steps(engine, 3)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        timed_steps(engine, steps)
-        torch.cuda.synchronize()
-    kernels = [
-        (e.name, float(e.time_range.start), float(e.time_range.elapsed_us()))
-        for e in prof.events()
-        if e.device_type == DeviceType.CUDA
-    ]
-    return step_timeline(kernels, steps)
+    return step_timeline(device_kernels(lambda: timed_steps(engine, steps)))
 
 
 def main() -> int:
