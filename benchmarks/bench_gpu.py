@@ -359,9 +359,9 @@ def main() -> int:
     rows.append(
         [
             "decode TPOT, batch 1, ctx ~200",
-            f"{tpot * 1e3:.2f} ms",
-            f"roofline {roof * 1e3:.2f} ms ({weight_bytes / 1e9:.2f} GB weights)",
-            f"{tpot / roof:.2f}x roofline (target <= 1.15x)",
+            f"{tpot * 1e3:.3f} ms",
+            f"roofline {roof * 1e3:.3f} ms ({weight_bytes / 1e9:.2f} GB weights)",
+            f"{tpot / roof:.3f}x roofline (target <= 1.15x)",
         ]
     )
     rows += mode_rows(modes, roof)
