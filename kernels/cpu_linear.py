@@ -22,6 +22,28 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+_PACKABLE: dict[torch.dtype, bool] = {}
+
+
+def packable(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN packs and runs `dtype` weights: its bf16 path needs
+    AVX512 (BW/VL/DQ) or AVX-NE-CONVERT, and without them `_reorder_linear_weight` raises, so a
+    bf16 model on such a CPU keeps plain `nn.Linear` (slower, same numbers). Probed once per
+    dtype on a 16 x 16 weight."""
+    if dtype not in _PACKABLE:
+        try:
+            w = torch.zeros(16, 16, dtype=dtype)
+            torch.ops.mkldnn._linear_pointwise(
+                torch.zeros(1, 16, dtype=dtype), torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], ""
+            )
+            _PACKABLE[dtype] = True
+        except RuntimeError as e:
+            log.info("oneDNN cannot pack %s weights on this CPU (%s): those linears stay unpacked",
+                     dtype, str(e).splitlines()[0])
+            _PACKABLE[dtype] = False
+    return _PACKABLE[dtype]
+
+
 class PackedLinear(nn.Module):
     """Inference-only replacement of an `nn.Linear` on CPU. Same math (bf16 results are
     bit-identical; float32 differs by accumulation order only)."""
@@ -40,9 +62,9 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every `nn.Linear` under `model` (on CPU, float32 / bfloat16) with a
-    `PackedLinear`. Returns how many were replaced. A weight shared with another module (tied
-    embeddings) stays where it is; the packed copy is the linear's own."""
+    """Replace every `nn.Linear` under `model` (on CPU, float32 / bfloat16, where `packable`)
+    with a `PackedLinear`. Returns how many were replaced. A weight shared with another module
+    (tied embeddings) stays where it is; the packed copy is the linear's own."""
     if not available():
         log.info("oneDNN is not available: CPU linears stay unpacked")
         return 0
@@ -53,6 +75,7 @@ def pack_linears(model: nn.Module) -> int:
                 isinstance(child, nn.Linear)
                 and child.weight.device.type == "cpu"
                 and child.weight.dtype in (torch.float32, torch.bfloat16)
+                and packable(child.weight.dtype)
             ):
                 setattr(parent, name, PackedLinear(child))
                 count += 1
