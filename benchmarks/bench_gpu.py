@@ -424,6 +424,22 @@ def main() -> int:
                     f"{ms_unfused * 1e-3 / graph_roof:.2f}x roofline; fused is {ms_unfused / ms:.2f}x faster",
                 ]
             )
+        from server.engine import cuda_graphs
+
+        saved, cuda_graphs.STAGE_KERNEL = cuda_graphs.STAGE_KERNEL, not cuda_graphs.stage_kernel_enabled()
+        timed_steps(engine, 5)
+        tpot_stage = statistics.median(timed_steps(engine, args.steps))
+        cuda_graphs.STAGE_KERNEL = saved
+        timed_steps(engine, 5)
+        tpot_default = statistics.median(timed_steps(engine, args.steps))
+        rows.append(
+            [
+                f"  same, input staging {'as one Triton kernel' if not saved else 'in torch ops'}",
+                f"{tpot_stage * 1e3:.3f} ms",
+                f"default ({'one kernel' if saved else 'torch ops'}): {tpot_default * 1e3:.3f} ms",
+                f"default is {tpot_stage / tpot_default:.3f}x faster",
+            ]
+        )
         g1 = graphs._graphs[1][0]
         timeline_md = (
             "\n\nBatch-1 decode, one engine step as the device runs it (default settings; "

@@ -9,19 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.triton_interpreter import interpreted_module
+
 
 @pytest.fixture(scope="module")
 def argmax():
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: tests/test_gpu_kernels.py covers the compiled kernel")
-    import triton.language as tl
-
-    if type(tl.cdiv).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported without TRITON_INTERPRET=1")
-    from kernels.triton.argmax import argmax
-
-    return argmax
+    yield from (m.argmax for m in interpreted_module("kernels.triton.argmax"))
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 4096, 4097, 12289])

@@ -8,13 +8,12 @@ math and the merge bookkeeping, not the memory ordering between programs."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 from server.models.rope import RotaryEmbedding
 from tests.paged_batch import make_batch, random_cache, rel_err
+from tests.triton_interpreter import interpreted_module
 
 CPU = torch.device("cpu")
 BS = 16  # tokens per page
@@ -22,28 +21,8 @@ BS = 16  # tokens per page
 
 @pytest.fixture(scope="module")
 def dec():
-    """kernels.triton.decode_attention under the interpreter (tests/conftest.py sets
-    TRITON_INTERPRET=1 on hosts without CUDA, before triton is first imported)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: tests/test_gpu_kernels.py covers the compiled kernel")
-    import triton.language as tl
-    import triton.runtime.interpreter as interp
-
-    if type(tl.cdiv).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported without TRITON_INTERPRET=1")
-    mp = pytest.MonkeyPatch()
-    orig = getattr(interp, "_patch_lang_tensor", None)
-    if orig is not None:
-        # The interpreter holds a loaded scalar as a 1-element array and int()s it for
-        # `range(start, end)`; numpy >= 2.4 refuses int() of a 1-d array.
-        def patched(tensor, scope):
-            orig(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        mp.setattr(interp, "_patch_lang_tensor", patched)
-    yield importlib.import_module("kernels.triton.decode_attention")
-    mp.undo()
+    """kernels.triton.decode_attention under the interpreter."""
+    yield from interpreted_module("kernels.triton.decode_attention")
 
 
 def _qkv(n, hq, hkv, d, gen):

@@ -133,6 +133,29 @@ def test_argmax(dtype, rows, vocab, gen):
     assert torch.equal(argmax(x[:, : max(1, vocab - 3)]), x[:, : max(1, vocab - 3)].argmax(dim=-1))
 
 
+@pytest.mark.parametrize(("n", "bs", "w"), [(1, 1, 1), (3, 4, 7), (100, 128, 600)])
+@pytest.mark.parametrize("with_tokens", [False, True])
+def test_stage_decode(n, bs, w, with_tokens, gen):
+    """The graphs' one-kernel input staging against the torch ops it replaces (the CPU
+    interpreter runs the same check in tests/test_stage_decode_interpreter.py)."""
+    from kernels.triton.stage_decode import stage_decode
+
+    max_bs, width = 128, 640
+    o_len, o_src, o_tab = 3 * max_bs, 4 * max_bs, 5 * max_bs
+    dev = torch.randint(0, 3000, (5 * max_bs + max_bs * width,), generator=gen, device=DEV)
+    dev[o_src : o_src + n] = torch.randperm(n, generator=gen, device=DEV)
+    tokens = torch.randint(0, 50000, (n,), generator=gen, device=DEV) if with_tokens else None
+    lens = torch.full((max_bs,), -7, dtype=torch.int32, device=DEV)
+    tables = torch.full((max_bs, width), -7, dtype=torch.int32, device=DEV)
+    ref_dev, ref_lens, ref_tables = dev.clone(), lens.clone(), tables.clone()
+    if tokens is not None:
+        ref_dev[:n].copy_(tokens.index_select(0, ref_dev[o_src : o_src + n]))
+    ref_lens[:bs].copy_(ref_dev[o_len : o_len + bs])
+    ref_tables[:bs, :w].copy_(ref_dev[o_tab : o_tab + bs * w].view(bs, w))
+    stage_decode(dev, tokens, n, bs, w, o_len, o_src, o_tab, lens, tables)
+    assert torch.equal(dev, ref_dev) and torch.equal(lens, ref_lens) and torch.equal(tables, ref_tables)
+
+
 FUSED_SHAPES = [(32, 8, 128), (9, 3, 64), (8, 8, 128)]
 FUSED_LENS = {
     "one": [1],

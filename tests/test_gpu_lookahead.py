@@ -98,3 +98,18 @@ def test_overlap_gives_the_same_tokens(backend):
     del eng
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def test_stage_kernel_gives_the_same_tokens(monkeypatch):
+    """The graphs' inputs filled by kernels/triton/stage_decode.py (PDSERVE_STAGE_KERNEL=1)
+    instead of the torch ops: with lookahead (ids gathered from the sampled tokens) the mixed
+    workload gives the plain engine's tokens."""
+    from server.engine import cuda_graphs
+
+    base, eng = run(False, "flashinfer")
+    del eng
+    gc.collect()
+    monkeypatch.setattr(cuda_graphs, "STAGE_KERNEL", True)
+    staged, eng = run(True, "flashinfer")
+    assert eng.runner.ahead_used > 50
+    check_same(base, staged, eng)

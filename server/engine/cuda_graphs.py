@@ -27,6 +27,7 @@ backend's plan and one graph launch instead of ~15 kernel launches per layer.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import NamedTuple
 
@@ -37,6 +38,19 @@ from kernels.attention.base import AttentionBackend, AttentionMetadata
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# Fill the static inputs after the host->device copy with ONE Triton kernel
+# (kernels/triton/stage_decode.py) instead of index_select + copy + two int32 conversions.
+# None: env PDSERVE_STAGE_KERNEL=1 turns it on. Off by default until measured on a GPU (its
+# CPU-interpreter tests pass; it saves ~4 launches a step).
+STAGE_KERNEL: bool | None = None
+
+
+def stage_kernel_enabled() -> bool:
+    global STAGE_KERNEL
+    if STAGE_KERNEL is None:
+        STAGE_KERNEL = os.environ.get("PDSERVE_STAGE_KERNEL", "0") == "1"
+    return STAGE_KERNEL
 
 
 class DecodeBatch(NamedTuple):
@@ -140,11 +154,17 @@ class CudaGraphRunner:
         end = self._o_tab + bs * w
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         self._copied.record()
-        if tokens is not None:
-            rows = self._dev[self._o_src : self._o_src + n]
-            self.input_ids[:n].copy_(tokens[0].index_select(0, rows))
-        self.seq_lens[:bs].copy_(self._dev[self._o_len : self._o_len + bs])
-        self.block_tables[:bs, :w].copy_(self._dev[self._o_tab : end].view(bs, w))
+        if stage_kernel_enabled():
+            from kernels.triton.stage_decode import stage_decode
+
+            stage_decode(self._dev, None if tokens is None else tokens[0], n, bs, w, self._o_len,
+                         self._o_src, self._o_tab, self.seq_lens, self.block_tables)
+        else:
+            if tokens is not None:
+                rows = self._dev[self._o_src : self._o_src + n]
+                self.input_ids[:n].copy_(tokens[0].index_select(0, rows))
+            self.seq_lens[:bs].copy_(self._dev[self._o_len : self._o_len + bs])
+            self.block_tables[:bs, :w].copy_(self._dev[self._o_tab : end].view(bs, w))
         seq_lens = list(batch.seq_lens) + [1] * (bs - n)
         meta = AttentionMetadata(
             num_seqs=bs,
