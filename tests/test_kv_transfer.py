@@ -146,3 +146,21 @@ def test_zmq_receiver_writes_nothing_for_a_request_that_ended():
     assert torch.equal(kv[6], a.kv_cache[5])
     a.close()
     b.close()
+
+
+def test_nixl_progress_thread_only_for_gpu_caches(monkeypatch):
+    """NIXL's progress thread busy-polls a core: CPU workers go without it (their transfers
+    progress when polled, as every NIXL test here shows); the env var decides when set."""
+    from kvcache.transfer.nixl_connector import progress_thread
+
+    cpu_cache = torch.zeros(4)
+    monkeypatch.delenv("PDSERVE_NIXL_PROGRESS_THREAD", raising=False)
+    assert progress_thread(cpu_cache) is False
+    monkeypatch.setenv("PDSERVE_NIXL_PROGRESS_THREAD", "1")
+    assert progress_thread(cpu_cache) is True
+    if torch.cuda.is_available():
+        gpu_cache = torch.zeros(4, device="cuda")
+        monkeypatch.setenv("PDSERVE_NIXL_PROGRESS_THREAD", "0")
+        assert progress_thread(gpu_cache) is False
+        monkeypatch.delenv("PDSERVE_NIXL_PROGRESS_THREAD")
+        assert progress_thread(gpu_cache) is True

@@ -78,6 +78,23 @@ def test_requests_spread_over_both_workers(server):
     assert queries["worker-0"] > 0 and queries["worker-1"] > 0  # least-loaded routing used both
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of process `pid`, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_workers_do_not_burn_cpu(server):
+    """An idle worker waits in its poll: no thread spins. (NIXL's progress thread, which its
+    agent runs with no delay between progress calls, took a full core per CPU worker and made
+    decode 3x slower on a 2-core host; kvcache/transfer/nixl_connector.py `progress_thread`.)"""
+    time.sleep(1.0)  # the previous test's requests are done
+    before = {w: cpu_seconds(pid) for w, pid in server.workers.items()}
+    time.sleep(3.0)
+    used = {w: cpu_seconds(pid) - before[w] for w, pid in server.workers.items()}
+    assert all(u < 0.6 for u in used.values()), f"CPU seconds in 3 s idle: {used}"
+
+
 def test_worker_killed_mid_stream_ends_its_requests_with_an_error(server):
     with httpx.Client(base_url=server.base_url, timeout=120) as c:
         body = {"prompt": "Tell me a story", "max_tokens": 200, "ignore_eos": True, "stream": True}

@@ -7,6 +7,7 @@ with the notice as its notification, which NIXL delivers only after the data has
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -31,6 +32,24 @@ from kvcache.transfer.base import (
 log = logging.getLogger(__name__)
 
 
+def progress_thread(kv_cache: torch.Tensor) -> bool:
+    """Whether the NIXL agent runs its progress thread: for a KV cache on a GPU, not on the CPU;
+    env PDSERVE_NIXL_PROGRESS_THREAD=0 / 1 decides instead.
+
+    nixl_agent runs that thread with a zero delay between progress calls: a core busy-polling
+    for the worker's whole life, idle or not (measured: one full core, mostly system time).
+    A GPU host has cores to spare and the GPU handoff numbers were measured with it
+    (benchmarks/results/2026-11-22-gpu-nixl-handoff.md); a CPU worker's cores are its
+    compute: on a 2-core host the spinning thread made the server's CPU decode 3.2x slower
+    (TPOT 247 -> 77 ms, SmolLM2 float32). Without it, transfers progress when the worker
+    polls them (`poll_sent` / `poll_received`: every loop iteration while busy, every
+    REMOTE_POLL_MS while a send or an expected arrival is pending)."""
+    env = os.environ.get("PDSERVE_NIXL_PROGRESS_THREAD")
+    if env in ("0", "1"):
+        return env == "1"
+    return kv_cache.is_cuda
+
+
 @dataclass
 class _Pending:
     request_id: str
@@ -46,7 +65,9 @@ class NixlConnector(KVConnector):
 
     def __init__(self, worker_id: str, kv_cache: torch.Tensor, layout: KVLayout) -> None:
         super().__init__(worker_id, kv_cache, layout)
-        self.agent = nixl_agent(worker_id, nixl_agent_config(backends=["UCX"]))
+        self.agent = nixl_agent(
+            worker_id, nixl_agent_config(enable_prog_thread=progress_thread(kv_cache), backends=["UCX"])
+        )
         self._reg = self.agent.register_memory(kv_cache)
         self._base = kv_cache.data_ptr()
         self._pending: list[_Pending] = []
