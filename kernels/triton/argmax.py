@@ -3,7 +3,7 @@ index of each row's maximum, as `torch.argmax(x, dim=-1)`.
 
 Why: torch's reduction takes 37 us for ONE row of Llama 3's 128256 logits on an H200 (one
 thread block walks the row; benchmarks/results/2026-12-02-gpu-llama8b-b1-8.md, the step
-timeline), a tenth of a millisecond per ten batch-1 tokens. Here the row is split over
+timeline), ~1% of a 4 ms batch-1 token. Here the row is split over
 programs that each read one BLOCK of it in a single memory round trip:
 
 1. `_chunk_kernel`, grid (N, chunks): the maximum of the program's chunk and the first index
