@@ -473,6 +473,13 @@ def main() -> int:
         settle(engine)
         if graphs is not None:
             breakdowns[batch] = phase_breakdown(engine, 10)
+            if args.profile_replays and batch == 64 and batch in graphs._graphs:
+                md, prof = profile_replays(graphs._graphs[batch][0], args.profile_replays)
+                profile_md += (
+                    f"\n\nBatch-{batch} decode graph (ctx ~1k), kernel profile "
+                    f"({args.profile_replays} replays): {prof['busy_us'] / 1e3:.3f} ms of kernel "
+                    f"time in a {prof['span_us'] / 1e3:.3f} ms span.\n\n" + md
+                )
         ctx = 1024 + 10 + 3 * args.steps // 2
         roof = (weight_bytes + batch * ctx * kv_per_token) / bw
         anchor = f"SGLang {SGLANG_B128_MS} ms (H100)" if batch == 128 else ""

@@ -1,0 +1,166 @@
+"""Offline output throughput of one engine, closed loop, across scheduler token budgets: which
+step policy makes the most tokens per second for the server benchmark's workload (64 requests
+in flight, 512 prompt tokens -> 256 output tokens, distinct prompts).
+
+A large budget (`--max-num-batched-tokens 8192`) prefills whole waves of new requests in a few
+big steps, and the running requests' decodes happen in separate, CUDA-graphed decode steps.
+A small one spreads each prompt over many steps that also carry every running decode: the
+prefill tokens ride on the decode steps' weight reads (one eager "mixed" step instead of a
+prefill step plus a decode step). Which one wins depends on how close a mixed step of ~200
+tokens runs to the device's limits and on the host cost of an eager step; this measures it.
+
+One engine is built once; each row lowers the scheduler's budget (`SchedulerConfig` is
+replaced on the live scheduler: every buffer was sized for the largest budget, listed first)
+and runs `--num-prompts` requests through `engine.step()` with at most `--concurrency` running
+(the engine refills a slot the moment a request finishes: a closed loop with a zero-latency
+client). Per row: wall time, output tok/s, steps by kind (graph decode / eager), the mean
+tokens and host launch time of the eager steps.
+
+    python benchmarks/bench_gpu_throughput.py [--budgets 8192,2048,1024,512,256]
+    python benchmarks/bench_gpu_throughput.py --model random:smollm2-135m --device cpu \\
+        --concurrency 4 --num-prompts 8 --input-len 32 --output-len 8 --no-save  # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_gpu_server import token_prompts  # noqa: E402
+from benchmarks.common import table, write_result  # noqa: E402
+
+
+@dataclasses.dataclass
+class StepLog:
+    graph_steps: int = 0  # pure decode steps replayed from a CUDA graph (incl. launched ahead)
+    eager_steps: int = 0
+    eager_tokens: int = 0
+    eager_decode_rows: int = 0
+    eager_launch_s: float = 0.0  # host time inside `launch` for eager steps
+
+
+def instrument(engine) -> StepLog:
+    """Count the runner's launches by kind; host time of eager launches."""
+    log = StepLog()
+    runner = engine.runner
+    launch, launch_ahead = runner.launch, runner.launch_ahead
+
+    def counted_launch(out):
+        n = out.num_batched_tokens
+        pure = n == len(out.scheduled)
+        t0 = time.perf_counter()
+        pending = launch(out)
+        graphed = pure and runner.cuda_graphs is not None and runner.cuda_graphs.can_run(
+            n, max(len(engine.kv.block_table(s.request.request_id)) for s in out.scheduled)
+        )
+        if graphed:
+            log.graph_steps += 1
+        else:
+            log.eager_steps += 1
+            log.eager_tokens += n
+            log.eager_decode_rows += sum(1 for s in out.scheduled if s.num_new_tokens == 1)
+            log.eager_launch_s += time.perf_counter() - t0
+        return pending
+
+    def counted_ahead(rows, pending):
+        launched = launch_ahead(rows, pending)
+        if launched is not None:
+            log.graph_steps += 1
+        return launched
+
+    runner.launch, runner.launch_ahead = counted_launch, counted_ahead
+    return log
+
+
+def run_once(engine, prompts: list[list[int]], output_len: int, tag: str) -> tuple[float, int, StepLog]:
+    from server.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    log = instrument(engine)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", p, params)
+    tokens = 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens += len(out.new_token_ids)
+    wall = time.perf_counter() - start
+    runner = engine.runner
+    runner.launch = type(runner).launch.__get__(runner)
+    runner.launch_ahead = type(runner).launch_ahead.__get__(runner)
+    return wall, tokens, log
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="random:llama-3.1-8b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--budgets", default="8192,2048,1024,512,256",
+                   help="max_num_batched_tokens per row, comma-separated (largest first)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--kv-cache-memory", default="1GiB", help="used when utilization is 0 (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-save", action="store_true")
+    a = p.parse_args()
+
+    from server.engine.engine import EngineConfig, EngineCore
+
+    budgets = [int(b) for b in a.budgets.split(",")]
+    cfg = EngineConfig(
+        model=a.model, device=a.device, dtype=a.dtype, max_num_seqs=a.concurrency,
+        max_num_batched_tokens=max(budgets), max_model_len=a.input_len + a.output_len + 16,
+        gpu_memory_utilization=a.gpu_memory_utilization if a.device != "cpu" else 0.0,
+        kv_cache_memory=a.kv_cache_memory, seed=a.seed, progress=False,
+    )
+    t0 = time.perf_counter()
+    engine = EngineCore(cfg)
+    build_s = time.perf_counter() - t0
+    prompts = token_prompts(a.num_prompts, a.input_len, a.seed)
+    base = engine.scheduler.config
+    # Warm every path (graph buckets, eager prefill shapes) at the largest budget.
+    engine.scheduler.config = dataclasses.replace(base, max_num_batched_tokens=max(budgets))
+    run_once(engine, token_prompts(a.concurrency, a.input_len, a.seed + 1), 8, "warm")
+
+    rows, results = [], []
+    for i, budget in enumerate(budgets):
+        engine.scheduler.config = dataclasses.replace(base, max_num_batched_tokens=budget)
+        wall, out_tokens, log = run_once(engine, prompts, a.output_len, f"b{i}")
+        if out_tokens != a.num_prompts * a.output_len:
+            raise RuntimeError(f"{out_tokens} tokens came out, {a.num_prompts * a.output_len} expected")
+        tps = out_tokens / wall
+        results.append(tps)
+        mean_tok = log.eager_tokens / max(1, log.eager_steps)
+        mean_dec = log.eager_decode_rows / max(1, log.eager_steps)
+        launch_ms = 1e3 * log.eager_launch_s / max(1, log.eager_steps)
+        rows.append([
+            budget, f"{wall:.2f}", f"{tps:.0f}", f"{tps / results[0]:.2f}x",
+            log.graph_steps, log.eager_steps, f"{mean_tok:.0f}", f"{mean_dec:.1f}", f"{launch_ms:.2f}",
+        ])
+        print(f"budget {budget}: {wall:.2f} s, {tps:.0f} tok/s", flush=True)
+        engine.check_integrity()
+    headers = ["token budget", "wall s", "output tok/s", "vs first row", "graph decode steps",
+               "eager steps", "tokens / eager step", "decodes / eager step", "host ms / eager launch"]
+    body = (
+        f"Model: {a.model}, {a.dtype} on {a.device}; {a.num_prompts} requests of {a.input_len} "
+        f"random prompt ids -> {a.output_len} output tokens (ignore_eos), at most {a.concurrency} "
+        f"running; engine built once in {build_s:.0f} s.\n\n" + table(headers, rows)
+    )
+    print(body)
+    if not a.no_save:
+        name = "gpu-throughput" if a.device != "cpu" else "cpu-throughput"
+        print("wrote", write_result(name, body, "python " + " ".join(sys.argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
