@@ -125,7 +125,6 @@ def main() -> int:
     t0 = time.perf_counter()
     engine = EngineCore(cfg)
     build_s = time.perf_counter() - t0
-    prompts = token_prompts(a.num_prompts, a.input_len, a.seed)
     base = engine.scheduler.config
     # Warm every path (graph buckets, eager prefill shapes) at the largest budget.
     engine.scheduler.config = dataclasses.replace(base, max_num_batched_tokens=max(budgets))
@@ -133,7 +132,10 @@ def main() -> int:
 
     rows, results = [], []
     for i, budget in enumerate(budgets):
+        hits0 = engine.kv.prefix_cache_hits
         engine.scheduler.config = dataclasses.replace(base, max_num_batched_tokens=budget)
+        # Fresh prompts per row: a row must not hit the prefix cache the rows before it filled.
+        prompts = token_prompts(a.num_prompts, a.input_len, a.seed + 2 + i)
         wall, out_tokens, log = run_once(engine, prompts, a.output_len, f"b{i}")
         if out_tokens != a.num_prompts * a.output_len:
             raise RuntimeError(f"{out_tokens} tokens came out, {a.num_prompts * a.output_len} expected")
@@ -148,6 +150,9 @@ def main() -> int:
         ])
         print(f"budget {budget}: {wall:.2f} s, {tps:.0f} tok/s", flush=True)
         engine.check_integrity()
+        hits = engine.kv.prefix_cache_hits - hits0
+        if hits:
+            print(f"warning: {hits} prefix-cache hit tokens in this row", flush=True)
     headers = ["token budget", "wall s", "output tok/s", "vs first row", "graph decode steps",
                "eager steps", "tokens / eager step", "decodes / eager step", "host ms / eager launch"]
     body = (
