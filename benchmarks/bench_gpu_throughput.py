@@ -96,6 +96,50 @@ def run_once(engine, prompts: list[list[int]], output_len: int, tag: str) -> tup
     return wall, tokens, log
 
 
+def profile_steps(engine, a: argparse.Namespace, budget: int) -> str:
+    """Host (cProfile) and device (CUPTI kernel time) cost of `a.profile_steps` steps at
+    `budget`, with the load in its steady state (the closed loop run for a while first)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    from benchmarks.bench_gpu import device_kernels
+    from server.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=a.output_len, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(token_prompts(4 * a.concurrency, a.input_len, a.seed + 99)):
+        engine.add_request(f"prof-{i}", p, params)
+    for _ in range(3 * a.input_len // max(1, budget) + a.output_len // 2):
+        engine.step()  # into the steady state: staggered arrivals, prefill mixed with decodes
+    log = instrument(engine)
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    for _ in range(a.profile_steps):
+        engine.step()
+    prof.disable()
+    wall = time.perf_counter() - start
+    steps = log.graph_steps + log.eager_steps
+    cuda = torch.cuda.is_available()
+    run = lambda: [engine.step() for _ in range(a.profile_steps)]  # noqa: E731
+    kernels = device_kernels(run) if cuda else (run() and [])
+    busy = sum(d for _, _, d in kernels) / 1e3
+    while engine.has_unfinished_requests():
+        engine.abort([r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)])
+        engine.step()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    return (
+        f"Profile at budget {budget}: {a.profile_steps} steps ({log.eager_steps} eager, "
+        f"{log.graph_steps} graph) in {wall * 1e3:.0f} ms under cProfile; device kernel time "
+        f"of the next {a.profile_steps} steps: {busy:.1f} ms ({len(kernels)} kernels/copies; "
+        f"{steps} steps counted).\n\n```\n{buf.getvalue()}\n```"
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:llama-3.1-8b")
@@ -111,6 +155,9 @@ def main() -> int:
     p.add_argument("--kv-cache-memory", default="1GiB", help="used when utilization is 0 (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after the rows: profile this many steps at the last budget (host: cProfile, "
+                   "device: torch.profiler kernel time), steady state, and print where the time goes")
     a = p.parse_args()
 
     from server.engine.engine import EngineConfig, EngineCore
@@ -160,6 +207,8 @@ def main() -> int:
         f"random prompt ids -> {a.output_len} output tokens (ignore_eos), at most {a.concurrency} "
         f"running; engine built once in {build_s:.0f} s.\n\n" + table(headers, rows)
     )
+    if a.profile_steps:
+        body += "\n\n" + profile_steps(engine, a, budgets[-1])
     print(body)
     if not a.no_save:
         name = "gpu-throughput" if a.device != "cpu" else "cpu-throughput"
