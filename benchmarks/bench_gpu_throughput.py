@@ -97,8 +97,11 @@ def run_once(engine, prompts: list[list[int]], output_len: int, tag: str) -> tup
 
 
 def profile_steps(engine, a: argparse.Namespace, budget: int) -> str:
-    """Host (cProfile) and device (CUPTI kernel time) cost of `a.profile_steps` steps at
-    `budget`, with the load in its steady state (the closed loop run for a while first)."""
+    """Where an eager step's time goes, at `budget` in a closed loop: the next
+    `a.profile_steps` steps that carry a prefill chunk run under cProfile (host time inside
+    `launch`), the same number after them with device syncs around `launch` and their kernels
+    recorded (CUPTI): host launch time vs launch-to-done time vs kernel-busy time tells whether
+    such a step is bound by the host or the device."""
     import cProfile
     import io
     import pstats
@@ -108,35 +111,62 @@ def profile_steps(engine, a: argparse.Namespace, budget: int) -> str:
     from benchmarks.bench_gpu import device_kernels
     from server.engine.sampling_params import SamplingParams
 
+    engine.scheduler.config = dataclasses.replace(engine.scheduler.config, max_num_batched_tokens=budget)
     params = SamplingParams(max_tokens=a.output_len, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(token_prompts(4 * a.concurrency, a.input_len, a.seed + 99)):
         engine.add_request(f"prof-{i}", p, params)
-    for _ in range(3 * a.input_len // max(1, budget) + a.output_len // 2):
-        engine.step()  # into the steady state: staggered arrivals, prefill mixed with decodes
-    log = instrument(engine)
+    runner = engine.runner
+    launch = runner.launch
     prof = cProfile.Profile()
-    start = time.perf_counter()
-    prof.enable()
-    for _ in range(a.profile_steps):
-        engine.step()
-    prof.disable()
-    wall = time.perf_counter() - start
-    steps = log.graph_steps + log.eager_steps
+    host: list[float] = []
+    timed: list[tuple[int, float, float, float]] = []  # tokens, launch s, launch-to-done s, busy s
     cuda = torch.cuda.is_available()
-    run = lambda: [engine.step() for _ in range(a.profile_steps)]  # noqa: E731
-    kernels = device_kernels(run) if cuda else (run() and [])
-    busy = sum(d for _, _, d in kernels) / 1e3
+
+    def profiled(out):
+        if out.num_batched_tokens == len(out.scheduled):  # pure decode
+            return launch(out)
+        if len(host) < a.profile_steps:
+            t0 = time.perf_counter()
+            prof.enable()
+            pending = launch(out)
+            prof.disable()
+            host.append(time.perf_counter() - t0)
+            return pending
+        held: list = []
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        marks: list[float] = []
+
+        def run():
+            held.append(launch(out))
+            marks.append(time.perf_counter())
+
+        kernels = device_kernels(run) if cuda else (run() or [])
+        done = time.perf_counter()
+        busy = sum(d for _, _, d in kernels) / 1e6
+        timed.append((out.num_batched_tokens, marks[0] - t0, done - t0, busy))
+        return held[0]
+
+    runner.launch = profiled
+    try:
+        while len(timed) < a.profile_steps and engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        runner.launch = type(runner).launch.__get__(runner)
     while engine.has_unfinished_requests():
         engine.abort([r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)])
         engine.step()
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(35)
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+    rows = [[n, f"{1e3 * h:.2f}", f"{1e3 * d:.2f}", f"{1e3 * b:.2f}"] for n, h, d, b in timed]
     return (
-        f"Profile at budget {budget}: {a.profile_steps} steps ({log.eager_steps} eager, "
-        f"{log.graph_steps} graph) in {wall * 1e3:.0f} ms under cProfile; device kernel time "
-        f"of the next {a.profile_steps} steps: {busy:.1f} ms ({len(kernels)} kernels/copies; "
-        f"{steps} steps counted).\n\n```\n{buf.getvalue()}\n```"
+        f"Eager steps at budget {budget}: host time inside `launch` under cProfile, mean of "
+        f"{len(host)}: {1e3 * sum(host) / max(1, len(host)):.2f} ms. Then, synced around each "
+        "launch (kernels recorded by torch.profiler, whose own overhead inflates the host column):"
+        "\n\n" + table(["tokens", "host launch ms", "launch to done ms", "kernel busy ms"], rows)
+        + f"\n\n```\n{buf.getvalue()}\n```"
     )
 
 
