@@ -170,6 +170,49 @@ def profile_steps(engine, a: argparse.Namespace, budget: int) -> str:
     )
 
 
+def prefill_latency(engine, lengths: list[int], seed: int) -> str:
+    """Latency of one prompt's prefill step (to its first token on the host) in an idle engine,
+    through the piecewise graphs and eagerly, interleaved; medians of 7 after 2 warm-ups."""
+    import statistics
+
+    from server.engine.sampling_params import SamplingParams
+
+    piecewise = engine.runner.piecewise
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    modes = [("piecewise", piecewise), ("eager", None)] if piecewise is not None else [("eager", None)]
+    times: dict[tuple[int, str], list[float]] = {}
+    n = 0
+    for length in lengths:
+        for rep in range(9):
+            for name, runner in modes:
+                engine.runner.piecewise = runner
+                ids = token_prompts(1, length, seed + 1000 + n)[0]
+                n += 1
+                engine.add_request(f"lat{n}", ids, params)
+                t0 = time.perf_counter()
+                outs = engine.step()  # the prefill step; returns the first token
+                dt = time.perf_counter() - t0
+                assert outs and outs[0].new_token_ids, "the prefill step sampled no token"
+                engine.abort([f"lat{n}"])
+                while engine.has_unfinished_requests():
+                    engine.step()
+                if rep >= 2:
+                    times.setdefault((length, name), []).append(dt)
+    engine.runner.piecewise = piecewise
+    rows = []
+    for length in lengths:
+        med = {name: statistics.median(times[(length, name)]) for name, _ in modes}
+        row = [length, *(f"{1e3 * med[name]:.2f}" for name, _ in modes)]
+        if piecewise is not None:
+            row.append(f"{med['eager'] / med['piecewise']:.2f}x")
+        rows.append(row)
+    headers = ["prompt tokens", *(f"{name} ms" for name, _ in modes)]
+    if piecewise is not None:
+        headers.append("piecewise speed-up")
+    return ("One prompt's prefill step in an idle engine (engine.step() to its first token; "
+            "medians of 7):\n\n" + table(headers, rows))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:llama-3.1-8b")
@@ -185,6 +228,11 @@ def main() -> int:
     p.add_argument("--kv-cache-memory", default="1GiB", help="used when utilization is 0 (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="run each budget twice: prefill / mixed steps on the piecewise CUDA graphs, "
+                   "then eager")
+    p.add_argument("--prefill-lens", default="16,128,512,2048",
+                   help="one idle-engine prefill of each length, piecewise vs eager ('' = skip)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after the rows: profile this many steps at the last budget (host: cProfile, "
                    "device: torch.profiler kernel time), steady state, and print where the time goes")
@@ -195,7 +243,7 @@ def main() -> int:
     budgets = [int(b) for b in a.budgets.split(",")]
     cfg = EngineConfig(
         model=a.model, device=a.device, dtype=a.dtype, max_num_seqs=a.concurrency,
-        max_num_batched_tokens=max(budgets), max_model_len=a.input_len + a.output_len + 16,
+        max_num_batched_tokens=max(budgets), max_model_len=max(a.input_len + a.output_len, max(budgets)) + 16,
         gpu_memory_utilization=a.gpu_memory_utilization if a.device != "cpu" else 0.0,
         kv_cache_memory=a.kv_cache_memory, seed=a.seed, progress=False,
     )
@@ -208,9 +256,13 @@ def main() -> int:
     run_once(engine, token_prompts(a.concurrency, a.input_len, a.seed + 1), 8, "warm")
 
     rows, results = [], []
-    for i, budget in enumerate(budgets):
+    piecewise = engine.runner.piecewise
+    modes = [True, False] if a.compare_eager and piecewise is not None else [piecewise is not None]
+    runs = [(b, pw) for b in budgets for pw in modes]
+    for i, (budget, pw) in enumerate(runs):
         hits0 = engine.kv.prefix_cache_hits
         engine.scheduler.config = dataclasses.replace(base, max_num_batched_tokens=budget)
+        engine.runner.piecewise = piecewise if pw else None
         # Fresh prompts per row: a row must not hit the prefix cache the rows before it filled.
         prompts = token_prompts(a.num_prompts, a.input_len, a.seed + 2 + i)
         wall, out_tokens, log = run_once(engine, prompts, a.output_len, f"b{i}")
@@ -221,22 +273,31 @@ def main() -> int:
         mean_tok = log.eager_tokens / max(1, log.eager_steps)
         mean_dec = log.eager_decode_rows / max(1, log.eager_steps)
         launch_ms = 1e3 * log.eager_launch_s / max(1, log.eager_steps)
+        pw_used = pw and budget <= piecewise.max_tokens
         rows.append([
-            budget, f"{wall:.2f}", f"{tps:.0f}", f"{tps / results[0]:.2f}x",
-            log.graph_steps, log.eager_steps, f"{mean_tok:.0f}", f"{mean_dec:.1f}", f"{launch_ms:.2f}",
+            budget, "piecewise graphs" if pw_used else "eager", f"{wall:.2f}", f"{tps:.0f}",
+            f"{tps / results[0]:.2f}x", log.graph_steps, log.eager_steps, f"{mean_tok:.0f}",
+            f"{mean_dec:.1f}", f"{launch_ms:.2f}",
         ])
-        print(f"budget {budget}: {wall:.2f} s, {tps:.0f} tok/s", flush=True)
+        print(f"budget {budget} ({'piecewise' if pw_used else 'eager'}): {wall:.2f} s, {tps:.0f} tok/s",
+              flush=True)
         engine.check_integrity()
         hits = engine.kv.prefix_cache_hits - hits0
         if hits:
             print(f"warning: {hits} prefix-cache hit tokens in this row", flush=True)
-    headers = ["token budget", "wall s", "output tok/s", "vs first row", "graph decode steps",
-               "eager steps", "tokens / eager step", "decodes / eager step", "host ms / eager launch"]
+    engine.runner.piecewise = piecewise
+    headers = ["token budget", "prefill / mixed path", "wall s", "output tok/s", "vs first row",
+               "graph decode steps", "prefill / mixed steps", "tokens / such step",
+               "decodes / such step", "host ms / such launch"]
     body = (
         f"Model: {a.model}, {a.dtype} on {a.device}; {a.num_prompts} requests of {a.input_len} "
         f"random prompt ids -> {a.output_len} output tokens (ignore_eos), at most {a.concurrency} "
         f"running; engine built once in {build_s:.0f} s.\n\n" + table(headers, rows)
     )
+    lengths = [int(x) for x in a.prefill_lens.split(",") if x and int(x) <= max(budgets)]
+    if lengths:  # each prompt in one step: the largest budget
+        engine.scheduler.config = dataclasses.replace(base, max_num_batched_tokens=max(budgets))
+        body += "\n\n" + prefill_latency(engine, lengths, a.seed)
     if a.profile_steps:
         body += "\n\n" + profile_steps(engine, a, budgets[-1])
     print(body)

@@ -27,7 +27,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="on CUDA: fraction of GPU memory to fill; the KV cache gets what weights "
                         "and activations leave (0: use --kv-cache-memory)")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs (neither the decode graphs nor the piecewise ones)")
+    g.add_argument("--max-piecewise-tokens", type=int, default=2048,
+                   help="with CUDA graphs: prefill / mixed steps of up to this many tokens run as "
+                        "piecewise CUDA graphs split at attention (0: always eager)")
     g.add_argument("--no-step-lookahead", action="store_true",
                    help="with CUDA graphs: do not stage the predicted next decode step while the "
                         "current one runs (host and device then take turns)")
@@ -55,6 +59,7 @@ def engine_config_from_args(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         step_lookahead=not args.no_step_lookahead,
         step_overlap=not args.no_step_overlap,
+        max_piecewise_tokens=args.max_piecewise_tokens,
     )
 
 

@@ -88,11 +88,17 @@ class AttentionBackend(ABC):
       replays correctly after `plan_cuda_graph(m2)` whenever m2 is a pure-decode batch of the
       same `num_seqs` whose device tensors are the same (static) tensors as m's. Padded rows carry slot -1 (no store) and a
       one-token context in a dummy block.
+    - Piecewise CUDA graphs (`supports_piecewise_graphs`; server/engine/piecewise_graphs.py):
+      `forward_rope` split in two. `store_rope` rotates q and k, stores k/v at the slots it is
+      given and writes the rotated q into `q_out`, reading nothing from the plan (it runs
+      inside a graph captured once per token-count bucket); `attend` runs the planned batch's
+      attention of q into `out`, outside any graph, after `plan` for the real batch.
     - Backends are single-stream and not thread-safe; one per model runner.
     """
 
     name: str = "abstract"
     supports_cuda_graphs: bool = False
+    supports_piecewise_graphs: bool = False
 
     def __init__(
         self,
@@ -118,6 +124,20 @@ class AttentionBackend(ABC):
         """`plan` for a pure-decode batch that a CUDA graph captures or replays (only called
         when `supports_cuda_graphs`); backends with per-batch-size graph state override it."""
         self.plan(metadata)
+
+    def store_rope(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        positions: torch.Tensor, rope: RotaryEmbedding, slot_mapping: torch.Tensor,
+        q_out: torch.Tensor,
+    ) -> None:
+        """Rotate q [T, Hq, D] and k by `positions`, store k/v of layer `layer` at
+        `slot_mapping` ([T] int64, -1 = skip), write the rotated q into `q_out` [T, Hq, D]."""
+        raise NotImplementedError(f"{self.name} has no piecewise CUDA graph support")
+
+    def attend(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+        """Attention of the planned batch's rotated q [num_tokens, Hq, D] over layer `layer`'s
+        cache (its K/V already stored) into `out` [num_tokens, Hq, D]."""
+        raise NotImplementedError(f"{self.name} has no piecewise CUDA graph support")
 
     @abstractmethod
     def forward(

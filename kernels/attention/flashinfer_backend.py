@@ -34,6 +34,7 @@ WORKSPACE_BYTES = 256 << 20
 class FlashInferAttentionBackend(AttentionBackend):
     name = "flashinfer"
     supports_cuda_graphs = True
+    supports_piecewise_graphs = True
 
     def __init__(
         self,
@@ -199,17 +200,24 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     # -- running ----------------------------------------------------------------------------
 
-    def _attend(self, q: torch.Tensor, layer_view: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, layer_view: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self._pending_plan is not None:  # a batch planned for the fused path, run otherwise
             self._pending_plan()
         m = self.metadata
         nd = m.num_decode_seqs
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         if nd:
             self._decode.run(q[:nd], layer_view, out=out[:nd])
         if self._has_prefill:
             self._prefill.run(q[nd:], layer_view, out=out[nd:])
         return out.view(q.shape[0], self.num_heads * self.head_dim)
+
+    def store_rope(self, layer, q, k, v, positions, rope, slot_mapping, q_out) -> None:
+        self._rope_store(q, k, v, positions, rope.cos, rope.sin, self.kv_cache[:, layer], slot_mapping,
+                         out=q_out)
+
+    def attend(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+        self._attend(q, self.kv_cache[:, layer], out)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.metadata

@@ -18,6 +18,7 @@ from kernels.attention.base import AttentionBackend, AttentionMetadata
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    supports_piecewise_graphs = True  # through the runner's eager stand-in only (CPU tests)
 
     def plan(self, metadata: AttentionMetadata) -> None:
         self.metadata = m = metadata
@@ -61,6 +62,26 @@ class TorchAttentionBackend(AttentionBackend):
         t = q.shape[0]
         self._rows.index_copy_(0, self._k_rows[layer], k.reshape(t, -1))
         self._rows.index_copy_(0, self._v_rows[layer], v.reshape(t, -1))
+        return self._attention(layer, q)
+
+    def store_rope(self, layer, q, k, v, positions, rope, slot_mapping, q_out) -> None:
+        """Reads nothing from the plan (slots -1 are skipped); not graph-capturable on GPU (its
+        boolean mask has a data-dependent shape), which only the eager stand-in of the
+        piecewise runner needs."""
+        q, k = rope(positions, q, k)
+        q_out.copy_(q)
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep]
+        blocks, offsets = slots // self.kv_cache.shape[3], slots % self.kv_cache.shape[3]
+        self.kv_cache[blocks, layer, 0, offsets] = k[keep].to(self.kv_cache.dtype)
+        self.kv_cache[blocks, layer, 1, offsets] = v[keep].to(self.kv_cache.dtype)
+
+    def attend(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(self._attention(layer, q).view(out.shape))
+
+    def _attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        m = self.metadata
+        t = q.shape[0]
         cache = self.kv_cache[:, layer]  # [num_blocks, 2, block_size, Hkv, D]
         out = torch.empty(t, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
         nd = m.num_decode_seqs

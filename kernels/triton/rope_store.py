@@ -64,14 +64,18 @@ def _rope_store_kernel(
         tl.store(base + stride_kv + HALF, v2.to(Cache.dtype.element_ty), mask=kmask)
 
 
-def _launch(q, k, v, positions, cos, sin, kv_layer, slot_mapping, rope: bool):
+def _launch(q, k, v, positions, cos, sin, kv_layer, slot_mapping, rope: bool, out=None):
     t, hkv, d = k.shape
     if d % 2 or kv_layer.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("rope_store needs an even head_dim and unit innermost strides")
     if kv_layer.dim() != 5 or kv_layer.shape[1] != 2:
         raise ValueError(f"expected a layer view [blocks, 2, block_size, heads, dim], got {tuple(kv_layer.shape)}")
     hq = q.shape[1] if q is not None else 1
-    qo = torch.empty((t, hq, d), dtype=q.dtype, device=q.device) if rope else None
+    qo = None
+    if rope:
+        qo = torch.empty((t, hq, d), dtype=q.dtype, device=q.device) if out is None else out
+        if qo.shape != (t, hq, d) or qo.dtype != q.dtype or qo.stride(-1) != 1:
+            raise ValueError(f"out must be [{t}, {hq}, {d}] {q.dtype} with unit innermost stride")
     if t:
         _rope_store_kernel[(t,)](
             q if rope else k, k, v, qo if rope else k,
@@ -100,15 +104,16 @@ def rope_and_store(
     sin: torch.Tensor,
     kv_layer: torch.Tensor,
     slot_mapping: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate q and k by `positions`, store rotated k and v at `slot_mapping`; return rotated q.
 
     q: [T, Hq, D], k/v: [T, Hkv, D] (any row strides, unit innermost stride); positions: [T] int;
     cos/sin: [max_positions, D]; kv_layer: [num_blocks, 2, block_size, Hkv, D] (a strided view
     of the block-major cache); slot_mapping: [T] int, -1 = skip. Returns q rotated,
-    [T, Hq, D] contiguous, q's dtype.
+    [T, Hq, D] contiguous, q's dtype: written into `out` when given (any row strides).
     """
-    return _launch(q, k, v, positions, cos, sin, kv_layer, slot_mapping, rope=True)
+    return _launch(q, k, v, positions, cos, sin, kv_layer, slot_mapping, rope=True, out=out)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ from server.engine.cuda_graphs import BUCKETS, CudaGraphRunner
 from server.engine.gpu_memory import profile_kv_cache_bytes
 from server.engine.model_runner import ModelRunner, PendingStep
 from server.engine.outputs import EngineStats, RequestOutput
+from server.engine.piecewise_graphs import PiecewiseGraphRunner
 from server.engine.request import Request
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import SamplingParams
@@ -57,6 +58,9 @@ class EngineConfig:
     # With step lookahead: launch the predicted next decode step before the current one's
     # tokens reach the host (the device runs step N+1 while the host finishes step N).
     step_overlap: bool = True
+    # With CUDA graphs: prefill / mixed steps of up to this many tokens (capped at
+    # max_num_batched_tokens) replay piecewise CUDA graphs split at attention; 0 = eager.
+    max_piecewise_tokens: int = 2048
 
 
 def _samples_without_history(req: Request) -> bool:
@@ -125,12 +129,17 @@ class EngineCore:
         backend_cls = select_backend(config.attention_backend, self.device)
         use_graphs = on_cuda and not config.enforce_eager and backend_cls.supports_cuda_graphs
         graph_sizes = min(config.max_num_seqs, max(BUCKETS))
+        piecewise_tokens = min(config.max_piecewise_tokens, config.max_num_batched_tokens)
+        if not (use_graphs and backend_cls.supports_piecewise_graphs):
+            piecewise_tokens = 0
         if on_cuda and config.gpu_memory_utilization > 0:
+            reserve = CudaGraphRunner.output_bytes(graph_sizes, cfg.vocab_size) if use_graphs else 0
+            if piecewise_tokens:
+                reserve += PiecewiseGraphRunner.reserve_bytes(self.model, piecewise_tokens)
             budget = profile_kv_cache_bytes(
                 self.model, backend_cls, self.kv_spec, cfg.num_heads, cfg.vocab_size,
                 config.max_num_batched_tokens, config.max_num_seqs, max_len,
-                config.gpu_memory_utilization, self.device,
-                extra_reserve=CudaGraphRunner.output_bytes(graph_sizes, cfg.vocab_size) if use_graphs else 0,
+                config.gpu_memory_utilization, self.device, extra_reserve=reserve,
             )
         else:
             budget = parse_size(config.kv_cache_memory)
@@ -164,12 +173,16 @@ class EngineCore:
             graphs = CudaGraphRunner(self.model, self.attn, config.block_size, graph_sizes, max_len,
                                      dummy_block=num_blocks, device=self.device)
             graphs.capture()
-        elif on_cuda:
+        piecewise = None
+        if piecewise_tokens:
+            piecewise = PiecewiseGraphRunner(self.model, self.attn, piecewise_tokens, self.device)
+            piecewise.capture()
+        if on_cuda and not use_graphs:
             log.info("CUDA graphs off (%s)", "--enforce-eager" if config.enforce_eager
                      else f"the {backend_cls.name} backend cannot be captured")
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # see `step`
         self.runner = ModelRunner(self.model, self.attn, self.kv, Sampler(seed=config.seed),
-                                  self.device, cuda_graphs=graphs)
+                                  self.device, cuda_graphs=graphs, piecewise=piecewise)
         log.info("engine ready: %s, %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d",
                  self.device, self.dtype, num_blocks, config.block_size,
                  num_blocks * self.kv_spec.bytes_per_block / 2**20, max_len)

@@ -22,6 +22,7 @@ from kvcache.manager import KVCacheManager
 from server.engine.cuda_graphs import CudaGraphRunner, DecodeBatch, StagedDecode
 from server.engine.host_copy import device_tensor
 from server.engine.outputs import TokenLogprobs
+from server.engine.piecewise_graphs import PiecewiseGraphRunner
 from server.engine.request import Request
 from server.engine.sampler import PendingSample, Sampler, SamplingRow
 from server.engine.scheduler import DecodeRow, SchedulerOutput
@@ -57,6 +58,7 @@ class ModelRunner:
         sampler: Sampler,
         device: torch.device,
         cuda_graphs: CudaGraphRunner | None = None,
+        piecewise: PiecewiseGraphRunner | None = None,
     ) -> None:
         self.model = model
         self.attn = attn
@@ -65,6 +67,7 @@ class ModelRunner:
         self.device = device
         self.block_size = kv.block_size
         self.cuda_graphs = cuda_graphs
+        self.piecewise = piecewise  # prefill / mixed steps up to its token count
         # The step staged by prepare_ahead: (its batch without input ids, staged graph inputs).
         self._ahead: tuple[tuple, StagedDecode] | None = None
         self.ahead_used = 0  # steps that replayed a prepared batch
@@ -173,8 +176,12 @@ class ModelRunner:
         else:
             self.ahead_missed += ahead is not None
             ids, pos_t, meta = self._to_device(*host)
-            self.attn.plan(meta)
-            out_rows, are_logits = self.model(ids, pos_t, self.attn), False
+            if self.piecewise is not None and self.piecewise.can_run(len(input_ids)):
+                out_rows = self.piecewise.run(ids, pos_t, meta)
+            else:
+                self.attn.plan(meta)
+                out_rows = self.model(ids, pos_t, self.attn)
+            are_logits = False
         # Only rows whose chunk reaches the end of their known tokens produce a token.
         rows, last = [], []
         for i, s in enumerate(out.scheduled):

@@ -68,10 +68,21 @@ class DecoderLayer(nn.Module):
         fuses the preceding add: the hidden state is read once per norm, not twice."""
         if ops.fuses_linears(x):
             return self._forward_fused(x, residual, positions, rope, attn)
+        q, k, v, residual = self.attn_in(x, residual)
+        # Rotary embedding is applied by the backend: fast ones fuse it with the K/V store.
+        return self.attn_out(attn.forward_rope(self.layer_id, q, k, v, positions, rope), residual)
+
+    def attn_in(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block up to attention: (q, k, v, residual) from the previous block's output."""
         h, residual = self.input_layernorm(x, residual)
         q, k, v = self._heads(self.qkv_proj(h))
-        # Rotary embedding is applied by the backend: fast ones fuse it with the K/V store.
-        x = self.o_proj(attn.forward_rope(self.layer_id, q, k, v, positions, rope))
+        return q, k, v, residual
+
+    def attn_out(self, a: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block after attention: attention output a [T, Hq * D] -> (x, residual)."""
+        x = self.o_proj(a)
         h, residual = self.post_attention_layernorm(x, residual)
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(h))), residual
 
