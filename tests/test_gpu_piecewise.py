@@ -35,7 +35,7 @@ def model():
     install_fused_ops(DEV)
     cfg = tiny_config(512, 1024, 4, 2, bias=False)  # head_dim 128, GQA 2
     torch.manual_seed(0)
-    m = LlamaForCausalLM(cfg, torch.bfloat16, 1024).to(DEV)
+    m = LlamaForCausalLM(cfg, torch.bfloat16, 1024).to(DEV, torch.bfloat16)
     init_random_weights(m, seed=3)
     randomize(m, bias=False)
     return m
