@@ -101,11 +101,12 @@ def test_overlap_gives_the_same_tokens(backend):
 
 
 def test_stage_kernel_gives_the_same_tokens(monkeypatch):
-    """The graphs' inputs filled by kernels/triton/stage_decode.py (PDSERVE_STAGE_KERNEL=1)
-    instead of the torch ops: with lookahead (ids gathered from the sampled tokens) the mixed
-    workload gives the plain engine's tokens."""
+    """The graphs' inputs filled by kernels/triton/stage_decode.py (the default) instead of
+    the torch ops (PDSERVE_STAGE_KERNEL=0): with lookahead (ids gathered from the sampled
+    tokens) the mixed workload gives the plain engine's tokens staged by the torch ops."""
     from server.engine import cuda_graphs
 
+    monkeypatch.setattr(cuda_graphs, "STAGE_KERNEL", False)
     base, eng = run(False, "flashinfer")
     del eng
     gc.collect()

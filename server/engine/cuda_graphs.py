@@ -41,15 +41,15 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 # Fill the static inputs after the host->device copy with ONE Triton kernel
 # (kernels/triton/stage_decode.py) instead of index_select + copy + two int32 conversions.
-# None: env PDSERVE_STAGE_KERNEL=1 turns it on. Off by default until measured on a GPU (its
-# CPU-interpreter tests pass; it saves ~4 launches a step).
+# None: env PDSERVE_STAGE_KERNEL (default 1; 0 = the torch ops). H200, 8B shape, batch 1
+# (2026-12-02-gpu-llama8b-4.md): TPOT 4.006 ms vs 4.021 ms with the torch ops in the same run.
 STAGE_KERNEL: bool | None = None
 
 
 def stage_kernel_enabled() -> bool:
     global STAGE_KERNEL
     if STAGE_KERNEL is None:
-        STAGE_KERNEL = os.environ.get("PDSERVE_STAGE_KERNEL", "0") == "1"
+        STAGE_KERNEL = os.environ.get("PDSERVE_STAGE_KERNEL", "1") == "1"
     return STAGE_KERNEL
 
 
