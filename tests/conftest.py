@@ -36,3 +36,28 @@ def smollm_tokenizer(gguf_path: str):
     from server.models.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(gguf_path)
+
+
+_LOADED: dict = {}
+
+
+@pytest.fixture(scope="module")
+def share_loaded_models():
+    """While active, EngineCores built with the same (model, dtype, device, max_positions,
+    seed) share one real loaded model instead of parsing and dequantizing the GGUF again
+    (~4 s each on CI). The engines only read the weights (`pack_linears` leaves an already
+    packed model as it is), so sharing them cannot change what a test sees. Kept for the
+    session: float32 SmolLM2 is ~0.5 GiB."""
+    import server.engine.engine as engine_module
+
+    real = engine_module.load_model
+
+    def load_model(model, dtype, device, max_positions=None, progress=True, seed=0):
+        key = (model, dtype, str(device), max_positions, seed)
+        if key not in _LOADED:
+            _LOADED[key] = real(model, dtype, device, max_positions, progress=progress, seed=seed)
+        return _LOADED[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_module, "load_model", load_model)
+        yield

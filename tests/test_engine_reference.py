@@ -12,6 +12,9 @@ from server.engine.llm import LLM
 from server.engine.sampling_params import SamplingParams
 from tests.reference import hf_greedy, hf_logprobs, hf_model
 
+# Every engine of this module shares one loaded model (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("share_loaded_models")
+
 NEW_TOKENS = 64
 SYSTEM = (
     "You are a meticulous assistant for a public library. Answer questions about opening "
@@ -39,7 +42,7 @@ def greedy(**kw) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def llm():
+def llm(share_loaded_models):
     # float32 to match the reference bit-for-bit in spirit; small KV budget on purpose.
     return LLM(EngineConfig(dtype="float32", kv_cache_memory="64MiB", progress=False))
 

@@ -19,6 +19,9 @@ from server.engine.cuda_graphs import DecodeBatch, StagedDecode
 from server.engine.engine import EngineConfig, EngineCore
 from tests.lookahead_workload import drive
 
+# Every engine of this module shares one loaded model (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("share_loaded_models")
+
 
 class EagerGraphs:
     def __init__(self, runner) -> None:
@@ -56,7 +59,7 @@ def engine(lookahead: bool, overlap: bool = False) -> EngineCore:
 
 
 @pytest.fixture(scope="module")
-def baseline():
+def baseline(share_loaded_models):
     eng = engine(False)
     return drive(eng, num_requests=10, scale=2), eng
 

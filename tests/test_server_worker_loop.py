@@ -16,7 +16,7 @@ from server.worker.loop import WorkerLoop
 
 
 @pytest.fixture(scope="module")
-def engine():
+def engine(share_loaded_models):
     return EngineCore(EngineConfig(kv_cache_memory="16MiB", max_num_seqs=8, progress=False))
 
 

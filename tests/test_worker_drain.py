@@ -29,7 +29,7 @@ LONG = (
 
 
 @pytest.fixture(scope="module")
-def engines():
+def engines(share_loaded_models):  # P and D share one loaded model (conftest.py)
     cfg = dict(kv_cache_memory="32MiB", max_num_seqs=8, dtype="float32", progress=False)
     return (
         EngineCore(EngineConfig(worker_id="p", **cfg)),
