@@ -156,9 +156,15 @@ class PiecewiseGraphRunner:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        reserved = self.reserve_bytes(self.model, self.max_tokens)
         log.info("captured piecewise CUDA graphs for prefill / mixed steps (%d pieces each; token "
-                 "buckets %s) in %.1f s, %.0f MiB", len(self.layer_ids) + 1,
-                 ",".join(map(str, self.sizes)), time.perf_counter() - t0, used / 2**20)
+                 "buckets %s) in %.1f s, %.0f MiB (%.0f MiB reserved for them)",
+                 len(self.layer_ids) + 1, ",".join(map(str, self.sizes)), time.perf_counter() - t0,
+                 used / 2**20, reserved / 2**20)
+        if used > reserved:
+            log.warning("the piecewise graphs took %.0f MiB, more than the %.0f MiB the KV budget "
+                        "left them: lower --gpu-memory-utilization if memory runs out",
+                        used / 2**20, reserved / 2**20)
 
     @torch.inference_mode()
     def run(
