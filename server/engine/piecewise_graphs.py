@@ -94,7 +94,8 @@ class PiecewiseGraphRunner:
         per_token = 4 * hidden + qkv + 3 * inter  # residual, x, h, out; qkv; gate|up, act
         static = 2 * cfg.num_heads * cfg.head_dim * elt + 3 * 8
         outputs = sum(bucket_sizes(max_tokens)) * hidden * elt
-        return int(1.25 * per_token * elt * max_tokens) + static * max_tokens + outputs
+        workspaces = 64 << 20  # cuBLAS(Lt) workspaces of the capture stream, kept by torch
+        return int(1.25 * per_token * elt * max_tokens) + static * max_tokens + outputs + workspaces
 
     def bucket(self, n: int) -> int:
         for b in self.sizes:
@@ -155,6 +156,9 @@ class PiecewiseGraphRunner:
                 self._graphs[t] = (graphs, hidden)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
+        # The eager warm-ups' activations sit cached for the capture stream, where no later
+        # step can reuse them: give them back (the graphs' pool is not touched).
+        torch.cuda.empty_cache()
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
         reserved = self.reserve_bytes(self.model, self.max_tokens)
         log.info("captured piecewise CUDA graphs for prefill / mixed steps (%d pieces each; token "
