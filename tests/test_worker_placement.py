@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from server.api.launch import add_serve_args, engine_configs
-from server.worker.placement import Placement, parse_gpus, place_workers
+from server.worker.placement import Placement, cpu_threads, parse_gpus, place_workers
 
 
 def test_cpu_workers_keep_the_device_and_memory_share() -> None:
@@ -50,6 +50,14 @@ def test_missing_gpus_are_refused() -> None:
         place_workers(1, "cuda", 0.9, visible_gpus=0)
 
 
+def test_cpu_workers_split_the_cores() -> None:
+    assert cpu_threads(2, 2) == 1
+    assert cpu_threads(2, 16) == 8
+    assert cpu_threads(3, 16) == 5
+    assert cpu_threads(4, 2) == 1  # never zero
+    assert cpu_threads(1, 8) == 8
+
+
 def test_parse_gpus() -> None:
     assert parse_gpus(None) is None
     assert parse_gpus("all") is None
@@ -74,6 +82,15 @@ def test_serve_flags_become_per_worker_engine_configs() -> None:
     assert [c["device"] for c, _ in configs] == ["cpu"] * 3
     assert [env for _, env in configs] == [{}] * 3
     assert {c["max_num_seqs"] for c, _ in configs} == {7}
+    # Three CPU workers on this host split its cores (at least one thread each).
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert {c["num_threads"] for c, _ in configs} == {max(1, cores // 3)}
+    # One worker keeps torch's default; --worker-threads always wins.
+    assert engine_configs(args, 1)[0][0]["num_threads"] is None
+    pinned = serve_args(["--device", "cpu", "--worker-threads", "5"])
+    assert {c["num_threads"] for c, _ in engine_configs(pinned, 2)} == {5}
     bad = serve_args(["--device", "cpu", "--gpus", "x"])
     with pytest.raises(ValueError, match="comma-separated"):
         engine_configs(bad, 1)

@@ -39,7 +39,7 @@ from server.api.context import ServerConfig, ServerContext
 from server.cli import add_engine_args, engine_config_from_args
 from server.frontend.tokenizer_loader import load_tokenizer
 from server.metrics import ServerMetrics
-from server.worker.placement import parse_gpus, place_workers
+from server.worker.placement import cpu_threads, parse_gpus, place_workers
 from server.worker.spawn import WorkerProcess, spawn_worker, stop_workers
 
 logger = logging.getLogger("server.api")
@@ -51,7 +51,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser)  # the engine flags `pdserve generate` has, for every worker
     g = parser.add_argument_group("workers")
     g.add_argument(
-        "--worker-threads", type=int, default=None, help="CPU threads per worker (default: torch's)"
+        "--worker-threads", type=int, default=None, help="CPU threads per worker (default: the host's cores split among its CPU workers; one worker: torch's default)"
     )
     g.add_argument("--num-workers", type=int, default=None,
                    help="workers of role both (default: 1, or 0 with --prefill/--decode-workers)")
@@ -138,11 +138,16 @@ def engine_configs(
         num_workers, config.device, config.gpu_memory_utilization, visible_gpus(config.device),
         parse_gpus(args.gpus), os.environ.get("CUDA_VISIBLE_DEVICES"),
     )  # fmt: skip
+    on_cpu = [p.device in ("cpu", "auto") for p in placements]  # "auto" stays only without GPUs
+    threads = config.num_threads
+    if threads is None and sum(on_cpu) > 1:  # several CPU workers: split the cores
+        threads = cpu_threads(sum(on_cpu), len(os.sched_getaffinity(0)))
     return [
         (dataclasses.asdict(dataclasses.replace(
-            config, device=p.device, gpu_memory_utilization=p.gpu_memory_utilization
+            config, device=p.device, gpu_memory_utilization=p.gpu_memory_utilization,
+            num_threads=threads if cpu else config.num_threads,
         )), {"CUDA_VISIBLE_DEVICES": p.visible_devices} if p.visible_devices else {})
-        for p in placements
+        for p, cpu in zip(placements, on_cpu, strict=True)
     ]  # fmt: skip
 
 
