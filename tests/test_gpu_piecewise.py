@@ -52,12 +52,20 @@ def step(model, cache, batch, gen):
     return meta, ids, positions
 
 
-def test_captured_pieces_give_the_eager_forward(model):
+def backend_class(name: str):
+    from kernels.attention.triton_backend import TritonAttentionBackend
+
+    return {"flashinfer": FlashInferAttentionBackend, "triton": TritonAttentionBackend}[name]
+
+
+@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
+def test_captured_pieces_give_the_eager_forward(model, backend):
     cfg = model.config
+    cls = backend_class(backend)
     gen = torch.Generator(device=DEV).manual_seed(1)
     base = random_cache(64, cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16, DEV, gen)
     cache = base.clone()
-    attn = FlashInferAttentionBackend(cache, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    attn = cls(cache, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     runner = PiecewiseGraphRunner(model, attn, 256, DEV)
     runner.capture()
     assert sorted(runner._graphs) == [16, 32, 64, 128, 256]
@@ -70,7 +78,7 @@ def test_captured_pieces_give_the_eager_forward(model):
             hidden = runner.run(ids, positions, meta).clone()
             pw_cache = cache.clone()
             cache.copy_(base)
-            eager_attn = FlashInferAttentionBackend(cache, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            eager_attn = cls(cache, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
             eager_attn.plan(meta)
             ref = model(ids, positions, eager_attn)
             assert rel_err(hidden, ref) < TOL[torch.bfloat16], batch

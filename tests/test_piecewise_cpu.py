@@ -103,3 +103,41 @@ def test_engine_generates_the_same_through_the_pieces():
     assert runner.steps >= 8
     assert pieces == plain
     assert all(len(toks) == 10 for toks in plain)
+
+
+@pytest.fixture(scope="module")
+def triton_rope_store():
+    """kernels.triton.rope_store and paged_attention under Triton's CPU interpreter (skipped
+    where triton is missing, as in CI's CPU install, or where CUDA runs the compiled ones)."""
+    from tests.triton_interpreter import interpreted_module
+
+    gen = interpreted_module("kernels.triton.rope_store")
+    yield next(gen)
+    next(gen, None)
+
+
+def test_triton_backend_pieces_give_its_plain_forward(triton_rope_store):
+    """The Triton backend's store_rope / attend (the piecewise split) against its own
+    forward_rope, interpreted, on a mixed batch with padding rows."""
+    from kernels.attention.triton_backend import TritonAttentionBackend
+
+    cfg = tiny_config(128, 320, 4, 2, bias=False)  # head_dim 32
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg, torch.float32, 128)
+    init_random_weights(model, seed=3)
+    randomize(model, bias=False)
+    gen = torch.Generator().manual_seed(2)
+    cache = random_cache(24, cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32, CPU, gen)
+    meta = make_batch([1, 1, 9], [20, 3, 5], 16, 24, CPU, gen)
+    ids = torch.randint(0, cfg.vocab_size, (meta.num_tokens,), generator=gen)
+    positions = torch.tensor([20, 3, *range(5, 14)])
+    plain_cache, pw_cache = cache.clone(), cache.clone()
+    attn = TritonAttentionBackend(plain_cache, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    attn.plan(meta)
+    plain = model(ids, positions, attn)
+    pw_attn = TritonAttentionBackend(pw_cache, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    runner = PiecewiseGraphRunner(model, pw_attn, 16, CPU, capture=False)
+    runner.slots.copy_(torch.arange(16))  # stale slots: the padding rows must not use them
+    hidden = runner.run(ids, positions, meta)
+    torch.testing.assert_close(hidden, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pw_cache, plain_cache, rtol=1e-5, atol=1e-5)

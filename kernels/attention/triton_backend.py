@@ -20,6 +20,7 @@ from kernels.attention.split_kv_decode import SplitKVDecode
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
+    supports_piecewise_graphs = True
 
     def __init__(
         self,
@@ -50,14 +51,22 @@ class TritonAttentionBackend(AttentionBackend):
         self._max_query_len = metadata.max_query_len
         self._fused_decode = self._split_kv is not None and self._split_kv.applies(metadata)
 
-    def _attend(self, q: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         m = self.metadata
         assert m is not None, "plan() must be called before forward()"
         out = self._attend_fn(
             q, self._layer_view, m.block_tables, m.seq_lens, m.query_start_loc,
-            self._max_query_len, self.scale,
+            self._max_query_len, self.scale, out=out,
         )
         return out.view(q.shape[0], self.num_heads * self.head_dim)
+
+    def store_rope(self, layer, q, k, v, positions, rope, slot_mapping, q_out) -> None:
+        self._rope_store(q, k, v, positions, rope.cos, rope.sin, self.kv_cache[:, layer], slot_mapping,
+                         out=q_out)
+
+    def attend(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+        self._layer_view = self.kv_cache[:, layer]
+        self._attend(q, out)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.metadata
