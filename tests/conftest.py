@@ -61,3 +61,15 @@ def share_loaded_models():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine_module, "load_model", load_model)
         yield
+
+
+@pytest.fixture(scope="session")
+def colocated_outputs() -> list[dict]:
+    """The colocated reference of the disaggregation tests (tests/test_disagg_e2e.py and
+    tests/test_multihost_netns.py): `pdserve serve` with one worker doing everything, greedy
+    tokens and usage of every prompt of test_disagg_e2e.PROMPTS, started once per session."""
+    from server.api.server_process import ServerProcess
+    from tests.test_disagg_e2e import COMMON, PROMPTS, complete
+
+    with ServerProcess([*COMMON, "--num-workers", "1"]) as proc:
+        return complete(proc.base_url, PROMPTS)

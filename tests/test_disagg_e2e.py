@@ -84,10 +84,10 @@ def assert_clean(base_url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def colocated():
-    """The reference: one worker doing everything."""
-    with ServerProcess([*COMMON, "--num-workers", "1"]) as proc:
-        yield complete(proc.base_url, PROMPTS)
+def colocated(colocated_outputs):
+    """The reference: one worker doing everything (`complete` on a `--num-workers 1` server
+    with COMMON's settings, in tests/conftest.py: test_multihost_netns compares with it too)."""
+    return colocated_outputs
 
 
 TOPOLOGIES = {"1P1D": ("1", "1"), "2P2D": ("2", "2")}

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.api.server_process import ServerProcess
+from tests.test_disagg_e2e import MAX_TOKENS as DISAGG_MAX_TOKENS
 from tests.test_disagg_e2e import PROMPTS, metric
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -232,10 +232,12 @@ def tokens_of(base: str, prompt: str, client: httpx.Client | None = None) -> lis
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, list[str]]:
-    """Greedy tokens of every prompt from the colocated server (one worker, one host)."""
-    with ServerProcess([*ENGINE, "--num-workers", "1"]) as proc:
-        return {p: tokens_of(proc.base_url, p) for p in PROMPTS}
+def reference(colocated_outputs) -> dict[str, list[str]]:
+    """Greedy tokens of every prompt from the colocated server (one worker, one host): the
+    same run test_disagg_e2e compares with (tests/conftest.py; same prompts, MAX_TOKENS and
+    request body), started once for both."""
+    assert MAX_TOKENS == DISAGG_MAX_TOKENS
+    return {p: out["tokens"] for p, out in zip(PROMPTS, colocated_outputs, strict=True)}
 
 
 class Load:
