@@ -135,8 +135,10 @@ def test_kv_pressure_forces_preemption(prompts, chat_prompts, reference):
 def test_logprobs_close_to_reference(llm, gguf_path, prompts):
     """Top-5 logprobs at every generated position match HF's teacher-forced log-softmax."""
     model = hf_model(gguf_path)
-    for p in prompts[:3]:
-        r = llm.generate([p], greedy(logprobs=5))[0]
+    # One request alone, then two batched together: both paths of the sampler's logprobs.
+    results = llm.generate(prompts[:1], greedy(logprobs=5)) + llm.generate(prompts[1:3], greedy(logprobs=5))
+    for p, r in zip(prompts[:3], results, strict=True):
+        assert r.prompt_token_ids == p
         ref = hf_logprobs(model, p + r.token_ids)
         for i, lp in enumerate(r.logprobs):
             row = ref[len(p) - 1 + i]
