@@ -53,6 +53,18 @@ SHARD_TAG = "SERVER_BENCH_SHARD "
 HF_TAG = "HF_RESULT "
 
 
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The model and the workload (shared with bench_gpu_throughput.py): 64 concurrent
+    requests of 512 random prompt ids -> 256 output tokens on the 8B shape."""
+    p.add_argument("--model", default="random:llama-3.1-8b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+
+
 def token_prompts(n: int, length: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(TOKEN_VOCAB) for _ in range(length)] for _ in range(n)]
@@ -309,13 +321,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--hf"]:
         return hf_main(argv[1])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="random:llama-3.1-8b")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--input-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=256)
+    add_workload_args(p)
     p.add_argument("--client-processes", type=int, default=4)
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: --concurrency")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_gpu_server import token_prompts  # noqa: E402
+from benchmarks.bench_gpu_server import add_workload_args, token_prompts  # noqa: E402
 from benchmarks.common import table, write_result  # noqa: E402
 
 
@@ -215,13 +215,7 @@ def prefill_latency(engine, lengths: list[int], seed: int) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="random:llama-3.1-8b")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--input-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=256)
+    add_workload_args(p)
     p.add_argument("--budgets", default="8192,2048,1024,512,256",
                    help="max_num_batched_tokens per row, comma-separated (largest first)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)

@@ -21,6 +21,16 @@ from tests.test_fused_layers import randomize, tiny_config
 CPU = torch.device("cpu")
 
 
+def tiny_model(bias: bool) -> LlamaForCausalLM:
+    """3 layers, hidden 128, 4 heads of 32, GQA 2, random weights and norm weights."""
+    cfg = tiny_config(128, 320, 4, 2, bias=bias)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg, torch.float32, 128)
+    init_random_weights(model, seed=3)
+    randomize(model, bias=bias)
+    return model
+
+
 def test_bucket_sizes():
     assert bucket_sizes(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048]
     assert bucket_sizes(100) == [16, 32, 64, 100]
@@ -32,11 +42,8 @@ def test_bucket_sizes():
     [([1, 1, 23], [40, 7, 0]), ([1, 5, 16], [3, 17, 33]), ([30], [0]), ([1], [9])],
 )
 def test_pieces_give_the_plain_forward(query_lens, context_lens):
-    cfg = tiny_config(128, 320, 4, 2, bias=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg, torch.float32, 128)
-    init_random_weights(model, seed=3)
-    randomize(model, bias=True)
+    model = tiny_model(bias=True)
+    cfg = model.config
     gen = torch.Generator().manual_seed(1)
     cache = random_cache(24, cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32, CPU, gen)
     meta = make_batch(query_lens, context_lens, 16, 24, CPU, gen)
@@ -121,11 +128,8 @@ def test_triton_backend_pieces_give_its_plain_forward(triton_rope_store):
     forward_rope, interpreted, on a mixed batch with padding rows."""
     from kernels.attention.triton_backend import TritonAttentionBackend
 
-    cfg = tiny_config(128, 320, 4, 2, bias=False)  # head_dim 32
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg, torch.float32, 128)
-    init_random_weights(model, seed=3)
-    randomize(model, bias=False)
+    model = tiny_model(bias=False)  # head_dim 32
+    cfg = model.config
     gen = torch.Generator().manual_seed(2)
     cache = random_cache(24, cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32, CPU, gen)
     meta = make_batch([1, 1, 9], [20, 3, 5], 16, 24, CPU, gen)

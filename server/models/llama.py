@@ -114,15 +114,22 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # `_weight` skips nn.Embedding's random init: every load writes the table, and that
+        # init on the meta device (the loader's) imports torch._dynamo: 1.9 s a process.
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rope = RotaryEmbedding(
-            cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype
-        )
+        # The tables are computed on the CPU even under the loader's meta-device context (math
+        # on meta tensors goes through torch._refs, whose first use imports torch._dynamo:
+        # 1.6 s a process), then follow the weights' device.
+        with torch.device("cpu"):
+            rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
+        self.rope = rope.to(self.embed_tokens.weight.device)
 
     def _layers(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
