@@ -89,9 +89,11 @@ def load_model(
 def _build_empty(
     cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
 ) -> LlamaForCausalLM:
-    # Build on the meta device and materialise on the target: no wasted random init.
+    # Build on the meta device and materialise on the target: no wasted random init. The
+    # model's RoPE tables (its only use of max_positions) do not survive to_empty and are
+    # built below on the device, so the meta build gets a one-position table.
     with torch.device("meta"):
-        net = LlamaForCausalLM(cfg, dtype, max_positions)
+        net = LlamaForCausalLM(cfg, dtype, 1)
     net = net.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         net.lm_head.weight = net.embed_tokens.weight
