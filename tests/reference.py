@@ -28,12 +28,12 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     out: list[int] = []
     for _ in range(max_new_tokens):
         logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
         out.append(int(logits.argmax()))
-        ids = torch.tensor([[out[-1]]])
+        ids = torch.tensor([[out[-1]]], device=model.device)
     return out
 
 
