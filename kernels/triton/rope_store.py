@@ -13,12 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.rounding import round_to
+
 
 @triton.jit
 def _rot(x, c, partner, s, dt: tl.constexpr):
     """x*c + partner*s (float32 operands holding dt values), each product rounded to dt, then
     the sum: transformers' `q * cos + rotate_half(q) * sin` in the model dtype."""
-    return ((x * c).to(dt).to(tl.float32) + (partner * s).to(dt).to(tl.float32)).to(dt)
+    return (round_to(x * c, dt) + round_to(partner * s, dt)).to(dt)
 
 
 @triton.jit
@@ -99,6 +101,7 @@ def _launch(q, k, v, positions, cos, sin, kv_layer, slot_mapping, rope: bool, ou
             HALF=d // 2, HALF_P2=triton.next_power_of_2(d // 2),
             ROPE=rope,
             num_warps=4,
+            enable_fp_fusion=False,  # fp16: no product contracted with the sum (rounding.py)
         )
     return qo
 
