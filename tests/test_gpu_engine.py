@@ -144,8 +144,10 @@ def check_agreement(llm, hf, hf32, ps, results) -> None:
     assert agree32 / total >= 0.99 or agree32 >= hf_agree32
     assert diffs.mean() < 0.05
     assert diffs.max() < 0.5
-    # every flip is a near-tie in HF's own bf16 distribution (a wrong layer flips confident ones)
-    assert max(flip_gaps, default=0.0) < 0.25
+    # Every flip is a near-tie in HF's own bf16 distribution (a wrong layer flips confident
+    # ones): within the logprob tolerance above. HF's logits are bf16, so gaps come in steps of
+    # their ulp (0.125 at |logit| 16-32, 0.25 at 32-64).
+    assert max(flip_gaps, default=0.0) < 0.5
     llm.engine.check_integrity()
 
 
