@@ -79,8 +79,6 @@ def test_fused_decode_matches_float64(dec, hq, hkv, d, dtype, splits):
     ok = slots >= 0
     s = slots[ok]
     assert rel_err(layer[s // BS, 0, s % BS], kr[ok]) < tol
-    if dtype != torch.float32:  # transformers' roundings: the torch reference in dtype, bit for bit
-        assert torch.equal(layer[s // BS, 0, s % BS], rope(pos, q, k)[1][ok])
     assert torch.equal(layer[s // BS, 1, s % BS], v[ok])
     restored = cache.clone()
     restored[s // BS, 1, :, s % BS] = before[s // BS, 1, :, s % BS]

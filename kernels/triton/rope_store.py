@@ -2,9 +2,8 @@
 rotated q (a new tensor) and the rotated k plus v straight into the layer's paged cache.
 
 Rotation follows `server.models.rope.RotaryEmbedding` (HF rotate_half over precomputed cos/sin
-tables in the model dtype, so llama3/linear scaling comes for free) with transformers' roundings:
-x*cos and rotate_half(x)*sin each rounded to the model dtype, then their sum. A slot of -1 skips
-the store: CUDA-graph padding rows write nowhere.
+tables, so llama3/linear scaling comes for free), computed in float32 and rounded once. A slot
+of -1 skips the store: CUDA-graph padding rows write nowhere.
 """
 
 from __future__ import annotations
@@ -12,15 +11,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.triton.rounding import round_to
-
-
-@triton.jit
-def _rot(x, c, partner, s, dt: tl.constexpr):
-    """x*c + partner*s (float32 operands holding dt values), each product rounded to dt, then
-    the sum: transformers' `q * cos + rotate_half(q) * sin` in the model dtype."""
-    return (round_to(x * c, dt) + round_to(partner * s, dt)).to(dt)
 
 
 @triton.jit
@@ -54,12 +44,12 @@ def _rope_store_kernel(
         q1 = tl.load(q_ptr, mask=qmask, other=0.0).to(tl.float32)
         q2 = tl.load(q_ptr + HALF, mask=qmask, other=0.0).to(tl.float32)
         o_ptr = QO + t * stride_ot + hq[:, None] * stride_oh + d[None, :]
-        tl.store(o_ptr, _rot(q1, c1, q2, -s1, QO.dtype.element_ty), mask=qmask)
-        tl.store(o_ptr + HALF, _rot(q2, c2, q1, s2, QO.dtype.element_ty), mask=qmask)
+        tl.store(o_ptr, (q1 * c1 - q2 * s1).to(QO.dtype.element_ty), mask=qmask)
+        tl.store(o_ptr + HALF, (q2 * c2 + q1 * s2).to(QO.dtype.element_ty), mask=qmask)
         k1f = k1.to(tl.float32)
         k2f = k2.to(tl.float32)
-        k1 = _rot(k1f, c1, k2f, -s1, Cache.dtype.element_ty)
-        k2 = _rot(k2f, c2, k1f, s2, Cache.dtype.element_ty)
+        k1 = (k1f * c1 - k2f * s1).to(Cache.dtype.element_ty)
+        k2 = (k2f * c2 + k1f * s2).to(Cache.dtype.element_ty)
     slot = tl.load(Slots + t).to(tl.int64)
     if slot >= 0:
         block = slot // block_size
@@ -101,7 +91,6 @@ def _launch(q, k, v, positions, cos, sin, kv_layer, slot_mapping, rope: bool, ou
             HALF=d // 2, HALF_P2=triton.next_power_of_2(d // 2),
             ROPE=rope,
             num_warps=4,
-            enable_fp_fusion=False,  # fp16: no product contracted with the sum (rounding.py)
         )
     return qo
 

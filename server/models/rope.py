@@ -74,10 +74,7 @@ class RotaryEmbedding(torch.nn.Module):
             )
         _, cos, sin = c
         half = q.shape[-1] // 2
-        # Two rounded products, then a rounded sum, as transformers computes in the model dtype
-        # (an addcmul rounds once: 2x fewer bf16 roundings, but a systematic difference from
-        # the reference on every element; tests/test_rope.py checks bit equality).
         return (
-            q * cos + q.roll(half, dims=-1) * sin,
-            k * cos + k.roll(half, dims=-1) * sin,
+            torch.addcmul(q * cos, q.roll(half, dims=-1), sin),
+            torch.addcmul(k * cos, k.roll(half, dims=-1), sin),
         )
