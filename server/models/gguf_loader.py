@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from server.models.config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedModelError
+from server.models.gguf_file import GGUFFile
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -29,18 +30,15 @@ _TOP_NAMES = {
 }
 
 
-def open_gguf(path: str | Path):
-    import gguf  # imported lazily: only GGUF users pay for it
-
-    return gguf.GGUFReader(str(path))
+def open_gguf(path: str | Path) -> GGUFFile:
+    return GGUFFile(path)
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+def _field(reader: GGUFFile, key: str, default=None):
+    return reader.fields.get(key, default)
 
 
-def gguf_config(reader, name: str) -> ModelConfig:
+def gguf_config(reader: GGUFFile, name: str) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
@@ -55,7 +53,7 @@ def gguf_config(reader, name: str) -> ModelConfig:
         )
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
-    vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"])
     hf_arch = GGUF_ARCHITECTURES[arch]
     return ModelConfig(
         architecture=hf_arch,
@@ -92,7 +90,7 @@ def _hf_name(gguf_name: str) -> str | None:
     return None if mapped is None else f"{mapped}.{kind}"
 
 
-def gguf_weights(reader, cfg: ModelConfig, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_weights(reader: GGUFFile, cfg: ModelConfig, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, float32 tensor) for every tensor, dequantizing as it goes."""
     from gguf.quants import dequantize
     from tqdm import tqdm

@@ -25,13 +25,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from gguf import GGUFReader, GGUFValueType
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from server.models.chat_template import render_chat_template, select_chat_template
+from server.models.gguf_file import GGUFFile
 
 __all__ = ["Tokenizer", "UnsupportedTokenizerError"]
 
@@ -123,18 +122,14 @@ class Tokenizer:
     # ----------------------------------------------------------------------------- loading
 
     @classmethod
-    def from_gguf(cls, path_or_reader: str | os.PathLike[str] | GGUFReader) -> Tokenizer:
+    def from_gguf(cls, path_or_file: str | os.PathLike[str] | GGUFFile) -> Tokenizer:
         """Build the tokenizer described by a GGUF file's `tokenizer.*` metadata.
 
         Raises `UnsupportedTokenizerError` for a tokenizer model / pre-tokenizer type that is not
         supported, naming it; `ValueError` if the file has no tokenizer.
         """
-        reader = (
-            path_or_reader
-            if isinstance(path_or_reader, GGUFReader)
-            else GGUFReader(os.fspath(path_or_reader))
-        )
-        meta = _GgufMeta(reader)
+        gf = path_or_file if isinstance(path_or_file, GGUFFile) else GGUFFile(path_or_file)
+        meta = _GgufMeta(gf)
         model = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if model is None or not tokens:
@@ -311,25 +306,13 @@ class Tokenizer:
 
 
 class _GgufMeta:
-    """Typed access to a GGUFReader's key/value fields (strings, scalars, arrays)."""
+    """A GGUF file's key/value fields (strings, scalars, lists: server.models.gguf_file)."""
 
-    def __init__(self, reader: GGUFReader) -> None:
-        self._fields = reader.fields
+    def __init__(self, gf: GGUFFile) -> None:
+        self._fields = gf.fields
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self._fields.get(key)
-        if field is None:
-            return default
-        kind = field.types[0]
-        if kind == GGUFValueType.STRING:
-            return bytes(field.parts[field.data[0]]).decode("utf-8")
-        if kind == GGUFValueType.ARRAY:
-            if len(field.types) < 2 or not field.data:
-                return []
-            if field.types[1] == GGUFValueType.STRING:
-                return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-            return np.concatenate([field.parts[i] for i in field.data]).tolist()
-        return field.parts[field.data[0]][0].item()
+        return self._fields.get(key, default)
 
 
 def _gguf_chat_templates(meta: _GgufMeta) -> dict[str, str]:
