@@ -1,7 +1,8 @@
 """server.models.gguf_file against gguf.GGUFReader (the reference parser): every metadata field
 and every tensor (type, shape, bytes in GGUFReader's layout) of the embedded model and of a
 file written here with every value type, plain and quantized tensors and a custom alignment;
-malformed files get GGUFFormatError."""
+malformed files get GGUFFormatError. server.models.gguf_dequant against gguf.quants: the same
+float32 bits for every tensor of both files."""
 
 from __future__ import annotations
 
@@ -66,7 +67,9 @@ def written(tmp_path):
     rng = np.random.default_rng(0)
     w.add_tensor("f32", rng.standard_normal((3, 5)).astype(np.float32))
     w.add_tensor("f16", rng.standard_normal((7,)).astype(np.float16))
-    for qt in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
+    w.add_tensor("f32_3d", rng.standard_normal((2, 3, 4)).astype(np.float32))
+    for qt in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0,
+               gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q5_0):
         x = rng.standard_normal((4, 64)).astype(np.float32)
         w.add_tensor(qt.name.lower(), quantize(x, qt), raw_dtype=qt)
     w.write_header_to_file()
@@ -97,3 +100,26 @@ def test_malformed_files(written, tmp_path):
         p.write_bytes(blob)
         with pytest.raises(GGUFFormatError):
             GGUFFile(p)
+
+
+def assert_dequantized_like_gguf(gf: GGUFFile) -> None:
+    import torch
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from server.models.gguf_dequant import dequantize
+
+    for t in gf.tensors:
+        ref = torch.from_numpy(np.array(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32))
+        out = dequantize(t.data, t.tensor_type)
+        assert out.dtype == torch.float32 and out.shape == ref.shape, t.name
+        assert torch.equal(out, ref), t.name  # bit for bit
+
+
+def test_dequantize_embedded_model_like_gguf(gguf_path):
+    assert_dequantized_like_gguf(GGUFFile(gguf_path))
+
+
+def test_dequantize_every_written_type_like_gguf(written):
+    gf = GGUFFile(written)
+    assert {t.tensor_type.name for t in gf.tensors} == {"F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"}
+    assert_dequantized_like_gguf(gf)

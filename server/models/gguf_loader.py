@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from server.models.config import GGUF_ARCHITECTURES, ModelConfig, UnsupportedModelError
@@ -73,11 +72,11 @@ def gguf_config(reader: GGUFFile, name: str) -> ModelConfig:
     )
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's convert-time q/k row permutation (it interleaves the two rotary
     halves for its GPT-J-style RoPE); we use the HF rotate-half convention."""
     rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -92,18 +91,19 @@ def _hf_name(gguf_name: str) -> str | None:
 
 def gguf_weights(reader: GGUFFile, cfg: ModelConfig, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, float32 tensor) for every tensor, dequantizing as it goes."""
-    from gguf.quants import dequantize
     from tqdm import tqdm
+
+    from server.models.gguf_dequant import dequantize
 
     permute = cfg.architecture == "LlamaForCausalLM"
     for t in tqdm(reader.tensors, desc="loading weights", unit="tensor", disable=not progress):
         name = _hf_name(t.name)
         if name is None:
             raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
-        arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        arr = arr.reshape([int(d) for d in reversed(t.shape)]) if arr.ndim != len(t.shape) else arr
+        w = dequantize(t.data, t.tensor_type)
+        w = w.reshape([int(d) for d in reversed(t.shape)]) if w.dim() != len(t.shape) else w
         if permute and ".self_attn.q_proj." in name:
-            arr = _unpermute(arr, cfg.num_heads)
+            w = _unpermute(w, cfg.num_heads)
         elif permute and ".self_attn.k_proj." in name:
-            arr = _unpermute(arr, cfg.num_kv_heads)
-        yield name, torch.from_numpy(np.ascontiguousarray(arr))
+            w = _unpermute(w, cfg.num_kv_heads)
+        yield name, w.contiguous()

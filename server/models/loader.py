@@ -94,11 +94,32 @@ def _build_empty(
     # built below on the device, so the meta build gets a one-position table.
     with torch.device("meta"):
         net = LlamaForCausalLM(cfg, dtype, 1)
-    net = net.to_empty(device=device).to(dtype)
+    _materialize(net, device)
+    net = net.to(dtype)
     if cfg.tie_word_embeddings:
         net.lm_head.weight = net.embed_tokens.weight
     net.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype).to(device)
     return net
+
+
+def _materialize(net: torch.nn.Module, device: torch.device) -> None:
+    """`net.to_empty(device)` without its `empty_like` on meta tensors, which runs torch's
+    Python reference decompositions and imports sympy on first use (~0.5 s of a worker's
+    start): every meta parameter / buffer becomes `torch.empty` of its shape and dtype (shared
+    ones stay shared)."""
+    made: dict[int, torch.Tensor] = {}
+
+    def real(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            e = torch.empty(t.shape, dtype=t.dtype, device=device)
+            made[id(t)] = torch.nn.Parameter(e, t.requires_grad) if isinstance(t, torch.nn.Parameter) else e
+        return made[id(t)]
+
+    for m in net.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is not None and t.is_meta:
+                    table[name] = real(t)
 
 
 def _load_random(
