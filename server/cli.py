@@ -41,7 +41,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace):
-    from server.engine.engine import EngineConfig
+    from server.engine.config import EngineConfig
 
     return EngineConfig(
         model=args.model,

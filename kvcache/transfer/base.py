@@ -15,11 +15,14 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
-import torch
 
 from kvcache.transfer.collate import Region, collate, per_page
+
+if TYPE_CHECKING:
+    import torch
 
 CONNECTOR_VERSION = 1
 
@@ -41,7 +44,9 @@ class KVLayout(msgspec.Struct, frozen=True):
 
     @property
     def bytes_per_block(self) -> int:
-        itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        import torch  # here, not at the top: the router imports this module and needs no torch
+
+        itemsize = getattr(torch, self.dtype).itemsize
         return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
     def differences(self, other: KVLayout) -> list[str]:

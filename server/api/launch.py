@@ -151,11 +151,17 @@ def engine_configs(
     ]  # fmt: skip
 
 
+def gpu_device_nodes() -> bool:
+    """Whether this host has any GPU device node (NVIDIA, AMD ROCm, WSL): without one CUDA
+    sees no device, which the router can tell without importing torch."""
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
+
+
 def visible_gpus(device: str) -> int:
     """CUDA devices this host shows (0 when the workers run on the CPU anyway)."""
-    if device == "cpu":
+    if device == "cpu" or not gpu_device_nodes():
         return 0
-    import torch
+    import torch  # only where a GPU may be: importing it costs the router ~1.5 s of start-up
 
     return torch.cuda.device_count()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import msgspec
 import torch
@@ -15,6 +14,7 @@ from kernels.attention.selector import select_backend
 from kernels.capabilities import install_fused_ops
 from kvcache.layout import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget, parse_size
 from kvcache.manager import KVCacheManager
+from server.engine.config import EngineConfig
 from server.engine.cuda_graphs import BUCKETS, CudaGraphRunner
 from server.engine.gpu_memory import profile_kv_cache_bytes
 from server.engine.model_runner import ModelRunner, PendingStep
@@ -30,37 +30,6 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-@dataclass
-class EngineConfig:
-    model: str | None = None  # GGUF file or HF folder; None = embedded SmolLM2-135M-Instruct
-    dtype: str = "auto"
-    device: str = "auto"
-    block_size: int = 16
-    kv_cache_memory: str | int = "1GiB"
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    long_prefill_token_threshold: int = 0
-    enable_prefix_caching: bool = True
-    attention_backend: str = "auto"
-    seed: int = 0
-    worker_id: str = "worker-0"
-    num_threads: int | None = None  # CPU intra-op threads (None: torch's default)
-    progress: bool = True
-    # On CUDA: fraction of the GPU's memory this engine may fill (weights, activations, KV);
-    # the KV cache gets what the others leave. 0 = use the kv_cache_memory byte budget.
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False  # no CUDA graphs for decode steps
-    # With CUDA graphs: stage the predicted next decode step while the current one runs.
-    step_lookahead: bool = True
-    # With step lookahead: launch the predicted next decode step before the current one's
-    # tokens reach the host (the device runs step N+1 while the host finishes step N).
-    step_overlap: bool = True
-    # With CUDA graphs: prefill / mixed steps of up to this many tokens (capped at
-    # max_num_batched_tokens) replay piecewise CUDA graphs split at attention; 0 = eager.
-    max_piecewise_tokens: int = 2048
 
 
 def _samples_without_history(req: Request) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.models.loader import embedded_model_path
+from server.models.embedded import embedded_model_path
 from server.models.tokenizer import Tokenizer
 
 
