@@ -2,10 +2,14 @@
 truth for the fast backends and as the CPU serving path.
 
 Decodes (query length 1) are batched: one `index_select` gathers every decode sequence's
-blocks of the layer (K and V each), then two batched matmuls with a float32 masked softmax
-between them (for a single query row this is several times faster on CPU than SDPA's flash
-kernel, which tiles over the query length). Prefill chunks are looped per sequence (one SDPA
-each): prefill is compute-bound, so the loop costs little next to the matmuls.
+blocks of the layer (K and V each), then one SDPA call over [seqs, KV heads, the KV head's
+query heads as rows, D] with a key-length mask. With the query heads of a KV head as the query
+rows, SDPA's CPU flash kernel gets a G-row tile instead of one row (asked as [seqs, heads, 1, D]
+with enable_gqa it was slower than two batched matmuls with a softmax between them; this way it
+is 1.3-3.5x faster than those in a micro-benchmark (SmolLM2's 3 KV heads x 3, 1-32 sequences of
+64-1024 keys, bf16 and float32, 2-core AMD EPYC) and 1.05x end to end at 1 and 16 streams
+(benchmarks/results/2026-12-02-cpu-decode-attention.md). Prefill chunks are looped per sequence (one
+SDPA each): prefill is compute-bound, so the loop costs little next to the matmuls.
 """
 
 from __future__ import annotations
@@ -40,10 +44,8 @@ class TorchAttentionBackend(AttentionBackend):
             self._dec_nblk = nblk
             self._dec_index = m.block_tables[:nd, :nblk].reshape(-1).long()
             pos = torch.arange(nblk * bs, device=m.seq_lens.device)
-            # [nd, 1, 1, S] additive mask: 0 where the key position exists, -inf past the end
-            valid = (pos[None, :] < m.seq_lens[:nd, None])[:, None, None, :]
-            self._dec_mask = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
-            self._dec_mask.masked_fill_(~valid, float("-inf"))
+            # [nd, 1, 1, S]: True where the key position exists (SDPA's boolean mask)
+            self._dec_valid = (pos[None, :] < m.seq_lens[:nd, None])[:, None, None, :]
         self._prefill: list[tuple[int, int, int, torch.Tensor, torch.Tensor | None]] = []
         starts = m.query_start_loc_cpu
         for i in range(nd, m.num_seqs):
@@ -92,11 +94,11 @@ class TorchAttentionBackend(AttentionBackend):
             # [num_blocks, block_size * Hkv * D] views (block stride = all layers): one gather each
             keys = cache[:, 0].flatten(1).index_select(0, self._dec_index).view(nd, s_len, hk, d)
             vals = cache[:, 1].flatten(1).index_select(0, self._dec_index).view(nd, s_len, hk, d)
-            qg = (q[:nd] * self.scale).view(nd, hk, self.num_heads // hk, d)  # [nd, Hkv, G, D]
-            scores = torch.matmul(qg, keys.permute(0, 2, 3, 1))  # [nd, Hkv, G, S]
-            probs = torch.softmax(scores.float() + self._dec_mask, dim=-1).to(q.dtype)
-            o = torch.matmul(probs, vals.transpose(1, 2))  # [nd, Hkv, G, D]
-            out[:nd] = o.view(nd, self.num_heads, d)
+            qg = q[:nd].view(nd, hk, self.num_heads // hk, d)  # [nd, Hkv, G, D]: G query rows
+            o = F.scaled_dot_product_attention(
+                qg, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=self._dec_valid, scale=self.scale
+            )  # [nd, Hkv, G, D]
+            out[:nd] = o.reshape(nd, self.num_heads, d)
         for start, ql, sl, table, mask in self._prefill:
             kv = cache[table].transpose(0, 1).flatten(1, 2)[:, :sl]  # [2, sl, Hkv, D]
             o = F.scaled_dot_product_attention(
