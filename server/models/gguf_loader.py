@@ -1,5 +1,6 @@
-"""GGUF checkpoints: config from metadata, tensors dequantized to float32 with `gguf`, renamed
-to Hugging Face names so `LlamaForCausalLM.load_weights` has one input format."""
+"""GGUF checkpoints: config from metadata (server/models/gguf_file.py), tensors dequantized to
+float32 (server/models/gguf_dequant.py), renamed to Hugging Face names so
+`LlamaForCausalLM.load_weights` has one input format."""
 
 from __future__ import annotations
 
