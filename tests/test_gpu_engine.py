@@ -125,12 +125,13 @@ def check_agreement(llm, hf, hf32, ps, results) -> None:
         rows = hf_log_softmax(hf, p + r.token_ids)[span]
         rows32 = hf_log_softmax(hf32, p + r.token_ids)[span]
         ours = torch.tensor(r.token_ids, device=DEV)
-        agree += (rows.argmax(-1) == ours).sum().item()
+        top, top32 = rows.argmax(-1), rows32.argmax(-1)
+        agree += (top == ours).sum().item()
         # where we differ: how far below HF's own choice HF ranks our token (log-prob gap)
         gap = rows.max(-1).values - rows.gather(-1, ours[:, None])[:, 0]
-        flip_gaps += gap[rows.argmax(-1) != ours].tolist()
-        agree32 += (rows32.argmax(-1) == ours).sum().item()
-        hf_agree32 += (rows32.argmax(-1) == rows.argmax(-1)).sum().item()
+        flip_gaps += gap[top != ours].tolist()
+        agree32 += (top32 == ours).sum().item()
+        hf_agree32 += (top32 == top).sum().item()
         total += NEW_TOKENS
         for lp, row in zip(r.logprobs, rows, strict=True):
             lp_diffs.append(abs(lp.logprob - row[lp.token_id].item()))

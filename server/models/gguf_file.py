@@ -39,6 +39,10 @@ _SCALARS: dict[int, tuple[str, np.dtype]] = {
     12: ("<d", np.dtype("<f8")),
 }
 
+# tensor types stored as plain numpy arrays (the rest are quantized blocks, kept as bytes)
+_PLAIN_TYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8,
+                "I16": np.int16, "I32": np.int32, "I64": np.int64}
+
 
 class GGUFFormatError(ValueError):
     """Not a GGUF file this reader understands (magic, version, byte order, truncation)."""
@@ -134,8 +138,7 @@ class GGUFFile:
         qtype = GGMLQuantizationType(ggml_type)
         n_elems = int(np.prod(dims, dtype=np.int64)) if dims else 1
         np_dims = tuple(reversed(dims))
-        plain = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8,
-                 "I16": np.int16, "I32": np.int32, "I64": np.int64}.get(qtype.name)
+        plain = _PLAIN_TYPES.get(qtype.name)
         start = self.data_offset + rel
         if plain is not None:
             dt = np.dtype(plain).newbyteorder("<")

@@ -34,12 +34,9 @@ def open_gguf(path: str | Path) -> GGUFFile:
     return GGUFFile(path)
 
 
-def _field(reader: GGUFFile, key: str, default=None):
-    return reader.fields.get(key, default)
-
-
 def gguf_config(reader: GGUFFile, name: str) -> ModelConfig:
-    arch = _field(reader, "general.architecture")
+    field = reader.fields.get
+    arch = field("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
             f"GGUF architecture {arch!r} is not supported; supported: "
@@ -51,22 +48,22 @@ def gguf_config(reader: GGUFFile, name: str) -> ModelConfig:
             "this GGUF stores llama3 RoPE scaling as a rope_freqs tensor, which pdserve does not "
             "read yet; load the Hugging Face folder of the model instead."
         )
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
-    vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"])
+    heads = int(field(f"{arch}.attention.head_count"))
+    hidden = int(field(f"{arch}.embedding_length"))
+    vocab = field(f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"])
     hf_arch = GGUF_ARCHITECTURES[arch]
     return ModelConfig(
         architecture=hf_arch,
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
-        num_layers=int(_field(reader, f"{arch}.block_count")),
+        intermediate_size=int(field(f"{arch}.feed_forward_length")),
+        num_layers=int(field(f"{arch}.block_count")),
         num_heads=heads,
-        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
+        num_kv_heads=int(field(f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(field(f"{arch}.attention.key_length", hidden // heads)),
+        rms_norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(field(f"{arch}.context_length", 4096)),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias=hf_arch == "Qwen2ForCausalLM",
         name=name,

@@ -129,7 +129,7 @@ class Tokenizer:
         supported, naming it; `ValueError` if the file has no tokenizer.
         """
         gf = path_or_file if isinstance(path_or_file, GGUFFile) else GGUFFile(path_or_file)
-        meta = _GgufMeta(gf)
+        meta = gf.fields  # key -> str / int / float / bool / list
         model = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if model is None or not tokens:
@@ -305,17 +305,7 @@ class Tokenizer:
 # --------------------------------------------------------------------------- GGUF metadata
 
 
-class _GgufMeta:
-    """A GGUF file's key/value fields (strings, scalars, lists: server.models.gguf_file)."""
-
-    def __init__(self, gf: GGUFFile) -> None:
-        self._fields = gf.fields
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._fields.get(key, default)
-
-
-def _gguf_chat_templates(meta: _GgufMeta) -> dict[str, str]:
+def _gguf_chat_templates(meta: Mapping[str, Any]) -> dict[str, str]:
     templates = {}
     default = meta.get("tokenizer.chat_template")
     if default:
