@@ -1,9 +1,12 @@
 """The decode-batch linears of a Llama-3.1-8B layer at M = 32 / 64 / 128 rows: cuBLAS (what the
 batch-64/128 decode graphs run now: `F.linear`, then the Triton SiLU·mul kernel or a residual
 add) side by side with kernels/triton/skinny_gemm.py over a sweep of its configs, each against
-the weight-read time at the device-to-device copy rate measured in the same run. Every config's
-output is checked against cuBLAS's (bf16 tolerance) before it is timed. L2 is flushed before
-every timed call (triton.testing.do_bench).
+the weight-read time at the device-to-device copy rate measured in the same run.
+
+Every time here is a replayed CUDA graph of the call over LAYERS distinct copies of the weight
+(no L2 reuse of weights, no launch gaps: as in the decode graphs), divided by LAYERS. Every
+config's output is checked against cuBLAS's (bf16 tolerance) before it is timed. The last table
+runs a layer's four linears back to back, both ways, with each shape's best config.
 
     python benchmarks/bench_skinny_gemm.py [--rows 32,64,128] [--quick]
 """
@@ -29,150 +32,161 @@ SHAPES = {  # name: (weight rows, K, silu_mul, residual)
     "gate|up + SiLU·mul": (2 * INTER, HIDDEN, True, False),
     "down + residual": (HIDDEN, INTER, False, True),
 }
-
-
-def configs(quick: bool) -> list:
-    """(BLOCK_N, BLOCK_K, warps, stages, split_k, swap) candidates."""
-    from kernels.triton.skinny_gemm import SkinnyConfig
-
-    if quick:
-        return [SkinnyConfig(*c) for c in (
-            (32, 128, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 4, 2),
-            (64, 128, 4, 4, 1, True), (128, 128, 8, 4, 1, True), (64, 128, 4, 4, 2, True),
-            (128, 128, 8, 4, 2, True), (64, 128, 4, 4, 4, True), (32, 128, 4, 4, 4),
-        )]
-    plain = itertools.product((16, 32, 64), (128, 256), (4,), (3, 4, 5), (1, 2, 4), (False,))
-    swapped = itertools.product((64, 128), (64, 128, 256), (4, 8), (3, 4), (1, 2, 4), (True,))
-    return [SkinnyConfig(*c) for c in itertools.chain(plain, swapped)]
-
-
 LAYERS = 8
 LAYER_BYTES = sum(wrows * k * 2 for wrows, k, _, _ in SHAPES.values())
+SMEM_BYTES = 220 * 1024  # Hopper: 227 KB a block; leave room for the epilogue's scratch
 
 
-def _layer_fns(ws: list[dict], h, a, res, cfg: dict):
-    """(cuBLAS path, skinny path): each runs every layer's qkv, o + residual, gate|up + SiLU·mul
-    and down + residual on fixed inputs (timing only: the layers are not chained)."""
-    from kernels.triton.silu_mul import silu_and_mul
-    from kernels.triton.skinny_gemm import skinny_linear
+def configs(wrows: int, k: int, silu: bool, m: int, quick: bool) -> list:
+    """(BLOCK_N, BLOCK_K, warps, stages, split_k, swap) candidates for one shape: the plain
+    first guess, then swapped tiles of 64-256 weight rows with the split counts that put
+    ~100-400 programs on the device, within shared memory."""
+    from kernels.triton.skinny_gemm import DEFAULT_CONFIG, SkinnyConfig
 
-    lin = torch.nn.functional.linear
-
-    def cublas_layers():
-        for w in ws:
-            lin(h, w["qkv"])
-            s2 = lin(a, w["o + residual"]) + res
-            act = silu_and_mul(lin(h, w["gate|up + SiLU·mul"]))
-            lin(act, w["down + residual"]) + s2
-
-    def skinny_layers():
-        for w in ws:
-            skinny_linear(h, w["qkv"], config=cfg["qkv"])
-            s2 = skinny_linear(a, w["o + residual"], residual=res, config=cfg["o + residual"])
-            act = skinny_linear(h, w["gate|up + SiLU·mul"], silu_mul=True, config=cfg["gate|up + SiLU·mul"])
-            skinny_linear(act, w["down + residual"], residual=s2, config=cfg["down + residual"])
-
-    return cublas_layers, skinny_layers
+    n = wrows // 2 if silu else wrows
+    block_m = max(16, 1 << (m - 1).bit_length())
+    out = [DEFAULT_CONFIG]
+    for bn, bk, stages, split in itertools.product((64, 128, 256), (64, 128), (3, 4), (1, 2, 4, 8, 16)):
+        w_rows = bn * (2 if silu else 1)
+        if w_rows > 256 or not 96 <= -(-n // bn) * split <= 400 or k // split < 2 * bk:
+            continue
+        if stages * (w_rows + block_m) * bk * 2 > SMEM_BYTES:
+            continue
+        for warps in (4, 8) if w_rows >= 128 else (4,):
+            out.append(SkinnyConfig(bn, bk, warps, stages, split, True))
+    if quick:  # every other candidate
+        out = out[:1] + out[1::2]
+    return out
 
 
-def layer_graphs(best_cfg: dict, rows: list[int], bw: float) -> list[list]:
-    """Per M: one layer's four linears as the decode graph runs them, both ways, timed as a
-    replayed CUDA graph over LAYERS layers' distinct weights (no L2 reuse, no launch gaps)."""
+def graph_time_us(fn, copies: int = LAYERS) -> float:
+    """Median time of one call of fn(i) for copies i = 0..copies-1 captured in one CUDA graph."""
     from triton.testing import do_bench
 
+    for i in range(copies):  # compile / pick cuBLAS heuristics outside the capture
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(copies):
+            fn(i)
+    us = do_bench(g.replay, warmup=5, rep=40, return_mode="median") * 1e3 / copies
+    del g
+    return us
+
+
+def _cublas(x, w, r, silu):
+    from kernels.triton.silu_mul import silu_and_mul
+
+    y = torch.nn.functional.linear(x, w)
+    if silu:
+        y = silu_and_mul(y)
+    return y if r is None else y + r
+
+
+def sweep(rows: list[int], quick: bool, bw: float) -> tuple[list[list], dict]:
+    from kernels.triton.skinny_gemm import skinny_linear
+
     dev, dt = torch.device("cuda"), torch.bfloat16
-    ws = [{name: (torch.randn(wrows, k, device=dev) / k**0.5).to(dt)
-           for name, (wrows, k, _, _) in SHAPES.items()} for _ in range(LAYERS)]
+    table_rows, best_cfg = [], {}
+    for name, (wrows, k, silu, res) in SHAPES.items():
+        ws = [(torch.randn(wrows, k, device=dev) / k**0.5).to(dt) for _ in range(LAYERS)]
+        n = wrows // 2 if silu else wrows
+        roof_us = wrows * k * 2 / bw * 1e6  # as bench_gpu's roofline: weight bytes / copy rate
+        for m in rows:
+            x = torch.randn(m, k, device=dev).to(dt)
+            r = torch.randn(m, n, device=dev).to(dt) if res else None
+            ref = _cublas(x, ws[0], r, silu).float()
+            t_cublas = graph_time_us(lambda i, x=x, ws=ws, r=r, silu=silu: _cublas(x, ws[i], r, silu))
+            best, tried = None, 0
+            for cfg in configs(wrows, k, silu, m, quick):
+                try:
+                    out = skinny_linear(x, ws[0], silu_mul=silu, residual=r, config=cfg)
+                except Exception as exc:  # noqa: BLE001  (a config the compiler rejects: skip it)
+                    print(f"{name} M={m} {tuple(cfg)}: {type(exc).__name__}")
+                    continue
+                err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                if err > 2e-2:
+                    raise AssertionError(f"{name} M={m} config {cfg}: relative error {err:.3g}")
+                t = graph_time_us(lambda i, cfg=cfg, x=x, ws=ws, r=r, silu=silu: skinny_linear(
+                    x, ws[i], silu_mul=silu, residual=r, config=cfg))
+                tried += 1
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            if best:
+                best_cfg[(name, m)] = best[1]
+            table_rows.append([
+                name, m, f"{roof_us:.1f}", f"{t_cublas:.1f}", f"{t_cublas / roof_us:.2f}x", tried,
+                f"{best[0]:.1f}" if best else "-", str(tuple(best[1])) if best else "-",
+                f"{t_cublas / best[0]:.3f}x" if best else "-", f"{best[0] / roof_us:.2f}x" if best else "-",
+            ])  # fmt: skip
+            print(table_rows[-1], flush=True)
+        del ws
+    return table_rows, best_cfg
+
+
+def layer_rows(best_cfg: dict, rows: list[int], bw: float) -> list[list]:
+    """Per M: a layer's four linears back to back, cuBLAS path vs skinny with the best configs."""
+    from kernels.triton.skinny_gemm import skinny_linear
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    ws = [{name: (torch.randn(wrows, k, device=dev) / k**0.5).to(dt) for name, (wrows, k, _, _) in SHAPES.items()}
+          for _ in range(LAYERS)]  # fmt: skip
     out = []
     for m in rows:
         if any((name, m) not in best_cfg for name in SHAPES):
             continue
         cfg = {name: best_cfg[(name, m)] for name in SHAPES}
         h, a, res = (torch.randn(m, HIDDEN, device=dev).to(dt) for _ in range(3))
-        times = []
-        for fn in _layer_fns(ws, h, a, res, cfg):
-            fn()  # compile / warm cuBLAS heuristics outside the capture
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            times.append(do_bench(g.replay, warmup=5, rep=100, return_mode="median") * 1e3 / LAYERS)
+
+        def cublas_layer(i, h=h, a=a, res=res):
+            w = ws[i]
+            _cublas(h, w["qkv"], None, False)
+            s2 = _cublas(a, w["o + residual"], res, False)
+            act = _cublas(h, w["gate|up + SiLU·mul"], None, True)
+            _cublas(act, w["down + residual"], s2, False)
+
+        def skinny_layer(i, h=h, a=a, res=res, cfg=cfg):
+            w = ws[i]
+            skinny_linear(h, w["qkv"], config=cfg["qkv"])
+            s2 = skinny_linear(a, w["o + residual"], residual=res, config=cfg["o + residual"])
+            act = skinny_linear(h, w["gate|up + SiLU·mul"], silu_mul=True, config=cfg["gate|up + SiLU·mul"])
+            skinny_linear(act, w["down + residual"], residual=s2, config=cfg["down + residual"])
+
+        t0, t1 = graph_time_us(cublas_layer), graph_time_us(skinny_layer)
         roof = LAYER_BYTES / bw * 1e6
-        out.append([m, f"{roof:.1f}", f"{times[0]:.1f}", f"{times[1]:.1f}", f"{times[0] / times[1]:.3f}x",
-                    f"{times[1] / roof:.2f}x"])
+        out.append([m, f"{roof:.1f}", f"{t0:.1f}", f"{t0 / roof:.2f}x", f"{t1:.1f}", f"{t1 / roof:.2f}x",
+                    f"{t0 / t1:.3f}x"])  # fmt: skip
         print(out[-1], flush=True)
     return out
 
 
 def main() -> None:
-    from triton.testing import do_bench
-
-    from kernels.triton.silu_mul import silu_and_mul
-    from kernels.triton.skinny_gemm import skinny_linear
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="32,64,128")
-    ap.add_argument("--quick", action="store_true", help="10 configs instead of 126")
+    ap.add_argument("--quick", action="store_true", help="every other candidate config")
     args = ap.parse_args()
     torch.manual_seed(0)
+    rows = [int(r) for r in args.rows.split(",")]
     bw = copy_bandwidth()
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    rows_out = []
-    best_cfg: dict = {}
-    for name, (wrows, k, silu, res) in SHAPES.items():
-        w = (torch.randn(wrows, k, device=dev) / k**0.5).to(dt)
-        n = wrows // 2 if silu else wrows
-        roof_us = wrows * k * 2 / bw * 1e6  # as bench_gpu's roofline: weight bytes / copy rate
-        for m in (int(r) for r in args.rows.split(",")):
-            x = torch.randn(m, k, device=dev).to(dt)
-            r = torch.randn(m, n, device=dev).to(dt) if res else None
-
-            def cublas(x=x, w=w, r=r, silu=silu):
-                y = torch.nn.functional.linear(x, w)
-                if silu:
-                    y = silu_and_mul(y)
-                return y if r is None else y + r
-
-            ref = cublas()
-            t_cublas = do_bench(cublas, warmup=10, rep=50, return_mode="median") * 1e3
-            t_gemm = do_bench(lambda x=x, w=w: torch.nn.functional.linear(x, w), warmup=10, rep=50,
-                              return_mode="median") * 1e3
-            best = None
-            for cfg in configs(args.quick):
-                try:
-                    out = skinny_linear(x, w, silu_mul=silu, residual=r, config=cfg)
-                except Exception as exc:  # noqa: BLE001  (a config the compiler rejects: skip it)
-                    print(f"{name} M={m} {cfg}: {type(exc).__name__}")
-                    continue
-                err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                if err > 2e-2:
-                    raise AssertionError(f"{name} M={m} config {cfg}: relative error {err:.3g}")
-                t = do_bench(lambda cfg=cfg, x=x, w=w, r=r, silu=silu: skinny_linear(
-                    x, w, silu_mul=silu, residual=r, config=cfg), warmup=10, rep=50, return_mode="median") * 1e3
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            if best:
-                best_cfg[(name, m)] = best[1]
-            rows_out.append([
-                name, m, f"{roof_us:.1f}", f"{t_gemm:.1f}", f"{t_cublas:.1f}",
-                f"{best[0]:.1f}" if best else "-", str(best[1]) if best else "-",
-                f"{t_cublas / best[0]:.2f}x" if best else "-",
-                f"{best[0] / roof_us:.2f}x" if best else "-",
-            ])
-            print(rows_out[-1], flush=True)
-    layer_rows = layer_graphs(best_cfg, [int(r) for r in args.rows.split(",")], bw)
-    body = (f"D2D copy {bw / 1e12:.2f} TB/s (read+write) measured in this run; weight-read time = "
-            "weight bytes / that rate (bench_gpu's roofline).\n\n" + table(
-                ["linear", "M", "weight read us", "cuBLAS GEMM us", "cuBLAS + epilogue us",
-                 "skinny us (best)", "best (BLOCK_N, BLOCK_K, warps, stages)", "skinny vs cuBLAS+epi",
-                 "skinny vs weight read"], rows_out)
-            + f"\n\nThe four linears of {LAYERS} layers (distinct weights, {LAYERS * LAYER_BYTES / 1e9:.1f} GB: "
-            "nothing stays in L2) captured in one CUDA graph and replayed, per layer: cuBLAS + the "
-            "SiLU·mul kernel + residual adds vs the skinny kernel with each shape's best config above.\n\n"
-            + table(["M", "weight read us", "cuBLAS + epilogues us", "skinny us", "cuBLAS / skinny",
-                     "skinny vs weight read"], layer_rows))
+    sweep_rows, best_cfg = sweep(rows, args.quick, bw)
+    layers = layer_rows(best_cfg, rows, bw)
+    body = (
+        f"D2D copy {bw / 1e12:.2f} TB/s (read+write) measured in this run; weight-read time = weight "
+        "bytes / that rate (bench_gpu's roofline). Times: a CUDA graph of the call over "
+        f"{LAYERS} distinct weight copies, per call.\n\n"
+        + table(["linear", "M", "weight read us", "cuBLAS + epilogue us", "cuBLAS vs weight read",
+                 "configs", "skinny us (best)", "best (BLOCK_N, BLOCK_K, warps, stages, split_k, swap)",
+                 "cuBLAS / skinny", "skinny vs weight read"], sweep_rows)
+        + f"\n\nA layer's four linears back to back ({LAYERS} layers' distinct weights, "
+        f"{LAYERS * LAYER_BYTES / 1e9:.1f} GB, in one graph), per layer: cuBLAS + the SiLU·mul kernel "
+        "+ residual adds vs the skinny kernel with each shape's best config above.\n\n"
+        + table(["M", "weight read us", "cuBLAS path us", "vs weight read", "skinny us", "vs weight read",
+                 "cuBLAS / skinny"], layers)
+    )  # fmt: skip
     print(body)
-    print(f"wrote {write_result('skinny-gemm', body, 'python benchmarks/bench_skinny_gemm.py ' + ' '.join(sys.argv[1:]))}")
+    cmd = "python benchmarks/bench_skinny_gemm.py " + " ".join(sys.argv[1:])
+    print(f"wrote {write_result('skinny-gemm', body, cmd)}")
 
 
 if __name__ == "__main__":
