@@ -70,11 +70,21 @@ class FusedDecode:
                                       m.block_tables, m.seq_lens, D**-0.5, self.ws, num_splits=self.splits)
 
 
-def variants(batch: int):
+TRITON_DECODE_CONFIGS = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3), (64, 4, 4)]
+
+
+def variants(batch: int, sweep: bool = False):
     from kernels.attention.flashinfer_backend import FlashInferAttentionBackend
     from kernels.attention.triton_backend import TritonAttentionBackend
 
     fi = FlashInferAttentionBackend
+    if sweep:  # the Triton paged kernel's decode tiles against FlashInfer's tensor-core decode
+        out = {"rope_store + flashinfer tensor-core": lambda c: fi(c, HQ, HKV, D, cuda_core_decode_max_batch=0, split_kv_decode_max_batch=0)}
+        for cfg in TRITON_DECODE_CONFIGS:
+            out[f"rope_store + triton {cfg}"] = lambda c, cfg=cfg: TritonAttentionBackend(
+                c, HQ, HKV, D, split_kv_decode_max_batch=0, decode_config=cfg)
+        out["flashinfer backend, defaults"] = lambda c: fi(c, HQ, HKV, D)
+        return out
     return {
         "rope_store + flashinfer tensor-core": lambda c: fi(c, HQ, HKV, D, cuda_core_decode_max_batch=0, split_kv_decode_max_batch=0),
         "rope_store + flashinfer cuda-core": lambda c: fi(c, HQ, HKV, D, cuda_core_decode_max_batch=1 << 20, split_kv_decode_max_batch=0),
@@ -108,6 +118,9 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--contexts", default="256,2048,8192")
     ap.add_argument("--max-cache-gib", type=float, default=40.0)
+    ap.add_argument("--triton-sweep", action="store_true",
+                    help="FlashInfer tensor-core decode vs the Triton paged kernel's decode tiles "
+                         "(BLOCK_N, warps, stages), and the FlashInfer backend's defaults")
     args = ap.parse_args()
     bw = copy_bandwidth()
     torch.cuda.empty_cache()
@@ -129,7 +142,7 @@ def main() -> int:
             positions = meta.seq_lens.long() - 1
             floor_us = batch * ctx * per_token / LAYERS / bw * 1e6
             ref = None
-            names = variants(batch)
+            names = variants(batch, args.triton_sweep)
             for name, make in names.items():
                 try:
                     us, out = time_variant(make, cache, meta, q, k, v, positions, rope)

@@ -570,3 +570,25 @@ def test_triton_paged_attention(dtype, hq, hkv, dim, batch, block_size, gen):
     poison_allocator(DEV)
     out = backend.forward(1, q, k, v)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("decode_config", [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_triton_paged_attention_decode_configs(decode_config, block_size, gen):
+    """The paged kernel's decode tiles (BLOCK_N, warps, stages) against the torch reference;
+    a prefill batch through the same backend keeps the default tile."""
+    from kernels.attention.triton_backend import TritonAttentionBackend
+
+    hq, hkv, dim, dtype = 32, 8, 128, torch.bfloat16
+    cache = random_cache(80, 3, block_size, hkv, dim, dtype, DEV, gen)
+    backend = TritonAttentionBackend(cache, hq, hkv, dim, split_kv_decode_max_batch=0,
+                                     decode_config=decode_config)
+    for batch in ("decode", "mixed"):
+        qlens, ctx = BATCHES[batch]
+        meta = make_batch(qlens, ctx, block_size, 80, DEV, gen)
+        t = meta.num_tokens
+        q, k, v = (randn(t, h, dim, dtype=dtype, gen=gen) for h in (hq, hkv, hkv))
+        ref = _torch_reference(meta, cache, 1, q, k, v, hq, hkv, dim)
+        backend.plan(meta)
+        out = backend.forward(1, q, k, v)
+        assert rel_err(out, ref) < TOL[dtype], batch

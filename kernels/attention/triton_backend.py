@@ -30,8 +30,12 @@ class TritonAttentionBackend(AttentionBackend):
         head_dim: int,
         scale: float | None = None,
         split_kv_decode_max_batch: int | None = None,
+        decode_config: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__(kv_cache, num_heads, num_kv_heads, head_dim, scale)
+        # (BLOCK_N, num_warps, num_stages) of the paged kernel for batches of one query token
+        # per sequence; None: the kernel's default. Prefill batches always take the default.
+        self._decode_config = decode_config
         # Imported here: the CPU test suite must never import triton.
         from kernels.triton.paged_attention import paged_attention
         from kernels.triton.rope_store import rope_and_store, store_kv
@@ -49,6 +53,7 @@ class TritonAttentionBackend(AttentionBackend):
     def plan(self, metadata: AttentionMetadata) -> None:
         self.metadata = metadata
         self._max_query_len = metadata.max_query_len
+        self._config = self._decode_config if metadata.max_query_len == 1 else None
         self._fused_decode = self._split_kv is not None and self._split_kv.applies(metadata)
 
     def _attend(self, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,7 +61,7 @@ class TritonAttentionBackend(AttentionBackend):
         assert m is not None, "plan() must be called before forward()"
         out = self._attend_fn(
             q, self._layer_view, m.block_tables, m.seq_lens, m.query_start_loc,
-            self._max_query_len, self.scale, out=out,
+            self._max_query_len, self.scale, out=out, config=self._config,
         )
         return out.view(q.shape[0], self.num_heads * self.head_dim)
 

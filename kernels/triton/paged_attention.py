@@ -85,6 +85,7 @@ def paged_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Causal paged attention (bottom-right aligned: query i of a sequence with L keys and Q
     queries sees keys [0, L - Q + i]).
@@ -93,6 +94,8 @@ def paged_attention(
     block_tables: [S, W] int32; seq_lens: [S] int32 (keys after this step's store);
     query_start_loc: [S + 1] int32; max_query_len: host int, bounds the grid (a CUDA graph
     captured with it stays valid while no sequence exceeds it). Returns out [T, Hq, D].
+    config: (BLOCK_N keys per step, num_warps, num_stages); None: 32 (64 for head dims up to
+    64) keys, 4 warps, 2 stages.
     """
     t, hq, d = q.shape
     hkv = kv_layer.shape[3]
@@ -105,6 +108,7 @@ def paged_attention(
     rows = max(rows, group_p2)
     block_t = rows // group_p2
     num_seqs = seq_lens.shape[0]
+    block_n, warps, stages = config if config is not None else (32 if d > 64 else 64, 4, 2)
     if t and num_seqs:
         grid = (num_seqs, triton.cdiv(max_query_len, block_t), hkv)
         _paged_attention_kernel[grid](
@@ -114,8 +118,8 @@ def paged_attention(
             kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
             block_tables.stride(0),
             PAGE=kv_layer.shape[2], GROUP=group, GROUP_P2=group_p2,
-            BLOCK_T=block_t, BLOCK_N=32 if d > 64 else 64,
+            BLOCK_T=block_t, BLOCK_N=block_n,
             D=d, D_P2=max(16, triton.next_power_of_2(d)),
-            num_warps=4, num_stages=2,
+            num_warps=warps, num_stages=stages,
         )
     return out
