@@ -96,6 +96,52 @@ def run_once(engine, prompts: list[list[int]], output_len: int, tag: str) -> tup
     return wall, tokens, log
 
 
+def decode_ab(engine, a: argparse.Namespace, budget: int, rounds: int = 2) -> str:
+    """The decode graphs' kernel choices side by side on the same engine: cuBLAS vs the
+    start-up-tuned skinny GEMM plan (kernels/triton/skinny_plan.py) for the decode batches'
+    linears, and FlashInfer's decode vs the Triton paged kernel for the batches in the
+    backend's Triton range; each variant recaptures the decode graphs and runs the workload,
+    `rounds` times in alternation (fresh prompts every run)."""
+    import dataclasses as dc
+
+    from kernels.triton import skinny_plan
+
+    graphs, attn = engine.runner.cuda_graphs, engine.attn
+    if graphs is None or not hasattr(attn, "_triton_lo"):
+        return "decode A/B: needs the decode CUDA graphs and the FlashInfer backend"
+    tuned = dict(skinny_plan._PLAN)
+    tri = (attn._triton_lo, attn._triton_hi)
+    variants = {
+        "cuBLAS, FlashInfer decode": ({}, (0, 0)),
+        "skinny plan, FlashInfer decode": (tuned, (0, 0)),
+        f"cuBLAS, Triton decode {tri[0]}-{tri[1]}": ({}, tri),
+        "skinny plan, Triton decode (default)": (tuned, tri),
+    }
+    engine.scheduler.config = dc.replace(engine.scheduler.config, max_num_batched_tokens=budget)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds):
+        for j, (name, (plan, rng)) in enumerate(variants.items()):
+            skinny_plan.set_plan(plan)
+            attn._triton_lo, attn._triton_hi = rng
+            graphs.recapture()
+            prompts = token_prompts(a.num_prompts, a.input_len, a.seed + 1000 + 10 * r + j)
+            wall, out_tokens, _ = run_once(engine, prompts, a.output_len, f"ab{r}-{j}")
+            times[name].append(out_tokens / wall)
+            print(f"A/B round {r}: {name}: {out_tokens / wall:.0f} tok/s", flush=True)
+            engine.check_integrity()
+    skinny_plan.set_plan(tuned)
+    attn._triton_lo, attn._triton_hi = tri
+    graphs.recapture()
+    base = max(times["cuBLAS, FlashInfer decode"])
+    rows = [[name, " / ".join(f"{t:.0f}" for t in ts), f"{max(ts):.0f}", f"{max(ts) / base:.3f}x"]
+            for name, ts in times.items()]
+    plan_lines = "\n".join(f"- {k}: {v}" for k, v in sorted(tuned.items())) or "- (empty: cuBLAS everywhere)"
+    return (f"Decode kernel A/B at token budget {budget} ({rounds} alternating rounds, best kept):\n\n"
+            + table(["decode graphs", "output tok/s per round", "best", "vs cuBLAS + FlashInfer"], rows)
+            + "\n\nSkinny plan tuned at start-up ((rows, weight rows, K, gated, residual): tile):\n"
+            + plan_lines)
+
+
 def profile_steps(engine, a: argparse.Namespace, budget: int) -> str:
     """Where an eager step's time goes, at `budget` in a closed loop: the next
     `a.profile_steps` steps that carry a prefill chunk run under cProfile (host time inside
@@ -227,6 +273,9 @@ def main() -> int:
                    "then eager")
     p.add_argument("--prefill-lens", default="16,128,512,2048",
                    help="one idle-engine prefill of each length, piecewise vs eager ('' = skip)")
+    p.add_argument("--decode-ab", action="store_true",
+                   help="after the rows: the decode graphs with cuBLAS / the tuned skinny GEMM and "
+                   "FlashInfer / Triton decode attention, side by side at the largest budget")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after the rows: profile this many steps at the last budget (host: cProfile, "
                    "device: torch.profiler kernel time), steady state, and print where the time goes")
@@ -292,6 +341,8 @@ def main() -> int:
     if lengths:  # each prompt in one step: the largest budget
         engine.scheduler.config = dataclasses.replace(base, max_num_batched_tokens=max(budgets))
         body += "\n\n" + prefill_latency(engine, lengths, a.seed)
+    if a.decode_ab:
+        body += "\n\n" + decode_ab(engine, a, max(budgets))
     if a.profile_steps:
         body += "\n\n" + profile_steps(engine, a, budgets[-1])
     print(body)

@@ -18,6 +18,7 @@ import functools
 import importlib
 import logging
 import os
+import time
 from typing import NamedTuple
 
 import torch
@@ -25,6 +26,9 @@ import torch
 log = logging.getLogger(__name__)
 
 ATTENTION_CHAIN = ("flashinfer", "triton", "torch")
+# Defaults of `triton_decode_batches` (benchmarks/results/2026-12-06-decode-attention*.md).
+TRITON_DECODE_BATCHES = "0-0"
+TRITON_DECODE_TILE = "32,4,2"
 MIN_CAPABILITY = {"flashinfer": (8, 0), "triton": (7, 5)}
 ENV_ATTENTION_BACKEND = "PDSERVE_ATTENTION_BACKEND"
 
@@ -124,6 +128,18 @@ def split_kv_decode_max_batch() -> int:
     return int(os.environ.get("PDSERVE_SPLIT_KV_DECODE_MAX_BATCH", "4"))
 
 
+def triton_decode_batches() -> tuple[int, int, tuple[int, int, int]]:
+    """(min, max, tile): pure-decode batches of min..max sequences that the FlashInfer backend
+    attends with the Triton paged kernel (rope_store first) and its (BLOCK_N, warps, stages)
+    decode tile instead of FlashInfer's decode. Env PDSERVE_TRITON_DECODE_BATCHES="min-max"
+    ("0-0" = never), PDSERVE_TRITON_DECODE_TILE="BLOCK_N,warps,stages"."""
+    lo, _, hi = os.environ.get("PDSERVE_TRITON_DECODE_BATCHES", TRITON_DECODE_BATCHES).partition("-")
+    tile = tuple(int(v) for v in os.environ.get("PDSERVE_TRITON_DECODE_TILE", TRITON_DECODE_TILE).split(","))
+    if len(tile) != 3:
+        raise ValueError(f"PDSERVE_TRITON_DECODE_TILE takes BLOCK_N,warps,stages, got {tile}")
+    return int(lo), int(hi or lo), tile
+
+
 def pdl_choice(device: torch.device) -> Choice:
     """Whether the one-row decode kernels (the fused GEMVs, the fused decode attention) launch
     with programmatic dependent launch on `device`: sm90+, unless PDSERVE_PDL=0 (the kernels
@@ -147,3 +163,28 @@ def install_fused_ops(device: torch.device) -> str:
     log.info("fused ops: %s (%s); batch-1 fused GEMVs %s", choice.name, choice.why,
              "on" if choice.name == "triton" and fused_gemv_enabled() else "off")
     return choice.name
+
+
+def skinny_gemm_enabled() -> bool:
+    """Whether decode-batch linears may run on the skinny GEMM where start-up timing picks it
+    (kernels/triton/skinny_plan.py); PDSERVE_SKINNY_GEMM=0 keeps cuBLAS everywhere."""
+    return os.environ.get("PDSERVE_SKINNY_GEMM", "1") != "0"
+
+
+def tune_decode_linears(model: torch.nn.Module, rows: list[int]) -> None:
+    """With the Triton ops installed: time the skinny GEMM against cuBLAS for the decode
+    batches of `rows` rows and plan the winners; logs what was picked and how long it took."""
+    from kernels import ops
+
+    if ops.fused_linear is ops.fused_linear_ref:  # the Triton ops are not installed
+        return
+    from kernels.triton import skinny_plan
+
+    if not skinny_gemm_enabled():
+        skinny_plan.set_plan({})
+        log.info("skinny GEMM off (PDSERVE_SKINNY_GEMM=0): decode batches use cuBLAS")
+        return
+    t0 = time.perf_counter()
+    for line in skinny_plan.tune(model.layers, rows):
+        log.info("%s", line)
+    log.info("skinny GEMM tuned in %.1f s", time.perf_counter() - t0)

@@ -592,3 +592,111 @@ def test_triton_paged_attention_decode_configs(decode_config, block_size, gen):
         backend.plan(meta)
         out = backend.forward(1, q, k, v)
         assert rel_err(out, ref) < TOL[dtype], batch
+
+
+@pytest.mark.parametrize("lens", [[300], [17, 4097, 2], [5, 1000, 64, 129, 640, 1, 33, 800]])
+@pytest.mark.parametrize("tile", [(32, 4, 2), (64, 4, 3)])
+@pytest.mark.parametrize("graph", [False, True])
+def test_flashinfer_backend_triton_decode_range(lens, tile, graph, gen):
+    """The FlashInfer backend with pure-decode batches routed to the Triton paged kernel
+    (triton_decode_batches covering the batch) agrees with FlashInfer's decode within bf16
+    tolerance, output and stored K/V, eagerly and in a CUDA graph; FlashInfer is never planned
+    for such a batch, and a batch outside the range still takes FlashInfer."""
+    pytest.importorskip("flashinfer")
+    from kernels.attention.flashinfer_backend import FlashInferAttentionBackend
+
+    hq, hkv, d, dtype = 32, 8, 128, torch.bfloat16
+    cache, meta, slots, q, k, v = _fused_inputs(lens, hq, hkv, d, dtype, gen)
+    rope = RotaryEmbedding(d, 8192, 500000.0, LLAMA3, dtype).to(DEV)
+    pos = meta.seq_lens.long() - 1
+    results = []
+    for lo, hi in ((1, 64), (0, 0)):
+        c = cache.clone()
+        backend = FlashInferAttentionBackend(c, hq, hkv, d, split_kv_decode_max_batch=0,
+                                             triton_decode_batches=(lo, hi, tile))
+        (backend.plan_cuda_graph if graph else backend.plan)(meta)
+        assert backend._triton_decode == (hi > 0)
+        assert (backend._pending_plan is not None) == (hi > 0)
+        run = lambda b=backend: [b.forward_rope(layer, q, k, v, pos, rope) for layer in (0, 2)]  # noqa: E731
+        outs = run()
+        if graph:
+            c.copy_(cache)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                outs = run()
+            for o in outs:
+                o.fill_(float("nan"))
+            g.replay()
+        results.append((torch.cat(outs, dim=-1), c))
+    (tri, tri_cache), (fi, fi_cache) = results
+    assert rel_err(tri, fi) < TOL[dtype]
+    assert rel_err(tri_cache, fi_cache) < TOL[dtype]
+    outside = FlashInferAttentionBackend(cache.clone(), hq, hkv, d, split_kv_decode_max_batch=0,
+                                         triton_decode_batches=(len(lens) + 1, 64, tile))
+    outside.plan(meta)
+    assert not outside._triton_decode and outside._pending_plan is None
+
+
+@pytest.mark.parametrize("m", [2, 16, 33, 64])
+@pytest.mark.parametrize("kind", ["o", "gate_up", "down", "qkv_norm", "lm_head_norm"])
+def test_multi_row_fused_linear(m, kind, gen):
+    """ops.fused_linear for several CUDA rows (the fused layer path of decode batches the
+    skinny plan covers) against the torch reference, with the skinny kernel planned for the
+    shape and with cuBLAS; and fuses_linears follows the plan's row counts."""
+    from kernels import ops
+    from kernels.triton import install, skinny_plan
+    from kernels.triton.skinny_gemm import SkinnyConfig
+
+    install()
+    k, n = {"o": (512, 384), "gate_up": (384, 2 * 640), "down": (640, 384),
+            "qkv_norm": (384, 640), "lm_head_norm": (384, 1000)}[kind]
+    w = randn(n, k, dtype=torch.bfloat16, gen=gen, scale=0.05)
+    x = randn(m, k, dtype=torch.bfloat16, gen=gen)
+    gated, res = kind == "gate_up", kind in ("o", "down")
+    r = randn(m, n, dtype=torch.bfloat16, gen=gen) if res else None
+    nw = randn(k, dtype=torch.bfloat16, gen=gen, scale=0.3) + 1 if kind.endswith("norm") else None
+    kw = dict(norm_weight=nw, eps=1e-5, silu_mul=gated, residual=r,
+              out_dtype=torch.float32 if kind == "lm_head_norm" else None)
+    ref = ops.fused_linear_ref(x.double(), w.double(), **{**kw, "norm_weight": None if nw is None else nw.double(),
+                                                          "residual": None if r is None else r.double(),
+                                                          "out_dtype": None})
+    try:
+        for plan in ({(m, n, k, gated, res): SkinnyConfig(32, 64, 4, 3, 2, True)}, {}):
+            skinny_plan.set_plan(plan)
+            assert ops.fuses_linears(x) == bool(plan)
+            out = ops.fused_linear(x, w, **kw)
+            assert out.dtype == (torch.float32 if kind == "lm_head_norm" else torch.bfloat16)
+            assert rel_err(out.double(), ref) < 1e-2, plan
+    finally:
+        skinny_plan.set_plan({})
+
+
+def test_skinny_plan_tune(gen):
+    """tune() times every kind at the row counts asked for (2..64; others skipped), installs
+    only winners as plan entries for those shapes, and fuses_linears follows the plan."""
+    from torch import nn
+
+    from kernels.triton import install, skinny_plan
+
+    install()
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.o_proj = nn.Linear(512, 512, bias=False)
+            self.gate_up_proj = nn.Linear(512, 2 * 1024, bias=False)
+            self.down_proj = nn.Linear(1024, 512, bias=False)
+
+    layers = nn.ModuleList(Layer() for _ in range(4)).to(DEV, torch.bfloat16)
+    try:
+        lines = skinny_plan.tune(layers, [1, 2, 16, 64, 128])
+        assert [line.split(" rows")[0] for line in lines] == [f"skinny GEMM at {m}" for m in (2, 16, 64)]
+        shapes = {(512, 512, False, True), (2048, 512, True, False), (512, 1024, False, True)}
+        for m, n, k, gated, res in skinny_plan._PLAN:
+            assert m in (2, 16, 64) and (n, k, gated, res) in shapes
+        assert skinny_plan.planned_rows() == {key[0] for key in skinny_plan._PLAN}
+        for m in (2, 16, 64):
+            assert ops.fuses_linears(torch.zeros(m, 512, device=DEV)) == (m in skinny_plan.planned_rows())
+    finally:
+        skinny_plan.set_plan({})

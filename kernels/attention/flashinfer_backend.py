@@ -15,8 +15,11 @@ Prefill uses FlashInfer's "fa2" kernels by default, the same JIT module as tenso
 (one compile instead of two); `PDSERVE_FLASHINFER_PREFILL_BACKEND=auto` picks fa3 on Hopper.
 
 Small pure-decode batches (up to `split_kv_decode_max_batch` sequences) skip all of the above in
-`forward_rope`: one fused Triton kernel per layer (kernels/attention/split_kv_decode.py). Their
-FlashInfer decode plan still runs (so `forward` keeps working); the kernels it planned do not.
+`forward_rope`: one fused Triton kernel per layer (kernels/attention/split_kv_decode.py).
+Pure-decode batches in the `triton_decode_batches` range (sizes where the Triton paged kernel
+beat FlashInfer's decode, see `kernels.capabilities.triton_decode_batches`) run rope_store and
+that kernel (kernels/triton/paged_attention.py) with its decode tile. For both, FlashInfer's
+plan is deferred until something asks for FlashInfer and otherwise never made.
 """
 
 from __future__ import annotations
@@ -45,8 +48,17 @@ class FlashInferAttentionBackend(AttentionBackend):
         scale: float | None = None,
         cuda_core_decode_max_batch: int | None = None,
         split_kv_decode_max_batch: int | None = None,
+        triton_decode_batches: tuple[int, int, tuple[int, int, int]] | None = None,
     ) -> None:
         super().__init__(kv_cache, num_heads, num_kv_heads, head_dim, scale)
+        # (min, max, tile): pure-decode batches of min..max sequences attend with the Triton
+        # paged kernel and this (BLOCK_N, warps, stages) tile. None: kernels.capabilities.
+        if triton_decode_batches is None:
+            from kernels.capabilities import triton_decode_batches as _setting
+
+            triton_decode_batches = _setting()
+        self._triton_lo, self._triton_hi, self._triton_tile = triton_decode_batches
+        self._triton_decode = False
         # Decode runs on the tensor cores (FlashInfer's prefill kernel: one JIT module for decode
         # and prefill), except CUDA-graph batches of up to this many sequences, which use the
         # CUDA-core decode kernel (a second JIT module). None: env
@@ -65,8 +77,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         # Imported here: the CPU test suite must never import flashinfer or triton.
         import flashinfer
 
+        from kernels.triton.paged_attention import paged_attention
         from kernels.triton.rope_store import rope_and_store, store_kv
 
+        self._paged = paged_attention
         self._fi = flashinfer
         self._rope_store = rope_and_store
         self._store = store_kv
@@ -140,7 +154,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         kernel (which needs no plan), only when something asks for FlashInfer (`_attend`)."""
         self.metadata = m
         self._fused_decode = self._split_kv is not None and self._split_kv.applies(m)
-        if self._fused_decode:
+        self._triton_decode = (not self._fused_decode and m.num_decode_seqs == m.num_seqs == m.num_tokens
+                               and self._triton_lo <= m.num_seqs <= self._triton_hi)
+        if self._fused_decode or self._triton_decode:
             self._pending_plan = make_plan
         else:
             make_plan()
@@ -216,8 +232,17 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._rope_store(q, k, v, positions, rope.cos, rope.sin, self.kv_cache[:, layer], slot_mapping,
                          out=q_out)
 
+    def _attend_triton(self, q: torch.Tensor, layer_view: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        m = self.metadata
+        out = self._paged(q, layer_view, m.block_tables, m.seq_lens, m.query_start_loc, 1, self.scale,
+                          out=out, config=self._triton_tile)
+        return out.view(q.shape[0], self.num_heads * self.head_dim)
+
     def attend(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
-        self._attend(q, self.kv_cache[:, layer], out)
+        if self._triton_decode:
+            self._attend_triton(q, self.kv_cache[:, layer], out)
+        else:
+            self._attend(q, self.kv_cache[:, layer], out)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.metadata
@@ -233,4 +258,4 @@ class FlashInferAttentionBackend(AttentionBackend):
         if self._fused_decode and q.dtype == self.kv_cache.dtype:
             return self._split_kv.forward_rope(m, view, q, k, v, positions, rope)
         q = self._rope_store(q, k, v, positions, rope.cos, rope.sin, view, m.slot_mapping)
-        return self._attend(q, view)
+        return self._attend_triton(q, view) if self._triton_decode else self._attend(q, view)

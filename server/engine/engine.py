@@ -11,11 +11,11 @@ import msgspec
 import torch
 
 from kernels.attention.selector import select_backend
-from kernels.capabilities import install_fused_ops
+from kernels.capabilities import install_fused_ops, tune_decode_linears
 from kvcache.layout import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget, parse_size
 from kvcache.manager import KVCacheManager
 from server.engine.config import EngineConfig
-from server.engine.cuda_graphs import BUCKETS, CudaGraphRunner
+from server.engine.cuda_graphs import BUCKETS, CudaGraphRunner, bucket_sizes
 from server.engine.gpu_memory import profile_kv_cache_bytes
 from server.engine.model_runner import ModelRunner, PendingStep
 from server.engine.outputs import EngineStats, RequestOutput
@@ -139,6 +139,7 @@ class EngineCore:
         )
         graphs = None
         if use_graphs:
+            tune_decode_linears(self.model, bucket_sizes(graph_sizes))
             graphs = CudaGraphRunner(self.model, self.attn, config.block_size, graph_sizes, max_len,
                                      dummy_block=num_blocks, device=self.device)
             graphs.capture()

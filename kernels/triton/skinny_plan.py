@@ -1,0 +1,146 @@
+"""Which linears of a decode batch run on the skinny GEMM (kernels/triton/skinny_gemm.py), and
+with which tile: picked per batch size at start-up by timing each candidate against the cuBLAS
+path on the model's own weights, so the choice fits the device and the model at hand.
+
+Why at start-up and not a table: the best tile moved with the batch size and the weight shape
+on the H200 (benchmarks/results/2026-12-02-skinny-gemm*.md), cuBLAS won some shapes outright
+(qkv at every batch measured, every shape at 128 rows), and other GPUs and models were never
+measured. Timing both on the device decides each case on its merits and falls back to cuBLAS
+wherever the skinny kernel does not win by `MIN_GAIN`.
+
+What is tuned: the three linears the skinny kernel can fuse an epilogue into,
+- o_proj + the residual add,
+- gate|up + SiLU·mul (the RMSNorm before it stays a separate kernel),
+- down_proj + the residual add;
+qkv always takes cuBLAS (it lost to cuBLAS at 16-128 rows on the H200). Each candidate is timed
+as a CUDA graph of one call per layer (the model's 32 different weights, as the decode graph
+streams them: no L2 reuse), the cuBLAS side including its separate SiLU·mul / add kernels.
+
+The plan is process-wide (`kernels.ops.fuses_linears` asks it which row counts run the fused
+layer path) and only covers the row counts tuned: the decode CUDA-graph buckets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from kernels.triton.skinny_gemm import MAX_ROWS, SkinnyConfig, skinny_linear
+
+log = logging.getLogger(__name__)
+
+# A skinny tile replaces cuBLAS only when it is at least this much faster (timing noise).
+MIN_GAIN = 1.02
+# Tried for each batch size; the fastest two per kind on the H200 sweeps (bench_skinny_gemm).
+CANDIDATES: dict[str, tuple[SkinnyConfig, ...]] = {
+    "residual": (SkinnyConfig(64, 128, 4, 4, 2, True), SkinnyConfig(64, 128, 4, 4, 1, True)),
+    "gated": (SkinnyConfig(64, 128, 4, 4, 1, True), SkinnyConfig(128, 128, 4, 3, 1, True)),
+}
+MAX_TUNED_ROWS = 64  # 128 rows lost to cuBLAS on every shape (H200)
+
+Key = tuple[int, int, int, bool, bool]  # rows, weight rows, K, gated, residual
+_PLAN: dict[Key, SkinnyConfig] = {}
+_ROWS: frozenset[int] = frozenset()
+
+
+def lookup(m: int, weight: torch.Tensor, gated: bool, residual: bool) -> SkinnyConfig | None:
+    """The tile planned for an [m, K] input times `weight`, or None: take cuBLAS."""
+    return _PLAN.get((m, weight.shape[0], weight.shape[1], gated, residual))
+
+
+def planned_rows() -> frozenset[int]:
+    """Row counts for which at least one linear runs on the skinny kernel."""
+    return _ROWS
+
+
+def set_plan(plan: dict[Key, SkinnyConfig]) -> None:
+    """Replace the plan (tests; `tune` calls it)."""
+    global _ROWS
+    _PLAN.clear()
+    _PLAN.update(plan)
+    _ROWS = frozenset(k[0] for k in plan)
+
+
+def _graph_us(fn: Callable[[int], object], count: int, reps: int = 10) -> float:
+    """Mean device time of fn(i), i = 0..count-1, captured in one CUDA graph (us per call)."""
+    for i in range(count):  # compile, pick cuBLAS heuristics, outside the capture
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(count):
+            fn(i)
+    g.replay()  # warm
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):  # best of three batches of replays: another process's burst is not ours
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / (reps * count))
+    del g
+    return best
+
+
+def _cublas_path(x, w, gated: bool, r):
+    from kernels.triton.silu_mul import silu_and_mul
+
+    y = F.linear(x, w)
+    if gated:
+        y = silu_and_mul(y)
+    return y if r is None else y + r
+
+
+def _time_kind(x, weights, gated: bool, r, cfg: SkinnyConfig | None) -> float:
+    """us per call of one linear over every layer's weight: cuBLAS path (cfg None) or skinny."""
+    if cfg is None:
+        return _graph_us(lambda i: _cublas_path(x, weights[i], gated, r), len(weights))
+    return _graph_us(lambda i: skinny_linear(x, weights[i], silu_mul=gated, residual=r, config=cfg),
+                     len(weights))
+
+
+@torch.inference_mode()
+def tune(layers: Iterable[torch.nn.Module], rows: Iterable[int]) -> list[str]:
+    """Time cuBLAS against the candidate tiles for each decode layer linear at each row count
+    in `rows` (2..MAX_TUNED_ROWS; others are skipped), install the winners (`set_plan`) and
+    return one line per row count saying what was picked and the times."""
+    layers = list(layers)
+    kinds = {
+        "o": ([m.o_proj.weight for m in layers], False, True),
+        "gate_up": ([m.gate_up_proj.weight for m in layers], True, False),
+        "down": ([m.down_proj.weight for m in layers], False, True),
+    }
+    w0 = layers[0].o_proj.weight
+    if w0.dtype not in (torch.bfloat16, torch.float16) or not w0.is_cuda:
+        set_plan({})
+        return [f"skinny GEMM: not tuned ({w0.dtype} on {w0.device.type})"]
+    gen = torch.Generator(device=w0.device).manual_seed(0)
+    plan: dict[Key, SkinnyConfig] = {}
+    lines = []
+    for m in sorted(set(rows)):
+        if not 2 <= m <= min(MAX_TUNED_ROWS, MAX_ROWS):
+            continue
+        parts = []
+        for name, (weights, gated, res) in kinds.items():
+            n_rows, k = weights[0].shape
+            n = n_rows // 2 if gated else n_rows
+            x = torch.randn(m, k, generator=gen, device=w0.device).to(w0.dtype)
+            r = torch.randn(m, n, generator=gen, device=w0.device).to(w0.dtype) if res else None
+            base = _time_kind(x, weights, gated, r, None)
+            best, best_us = None, base
+            for cfg in CANDIDATES["gated" if gated else "residual"]:
+                us = _time_kind(x, weights, gated, r, cfg)
+                if us * MIN_GAIN < best_us:
+                    best, best_us = cfg, us
+            if best is not None:
+                plan[(m, n_rows, k, gated, res)] = best
+            parts.append(f"{name} {'cuBLAS' if best is None else 'skinny'} {best_us:.1f} us"
+                         f" (cuBLAS {base:.1f})")
+        lines.append(f"skinny GEMM at {m} rows: " + ", ".join(parts))
+    set_plan(plan)
+    return lines
