@@ -108,7 +108,12 @@ def _time_kind(x, weights, gated: bool, r, cfg: SkinnyConfig | None) -> float:
 def tune(layers: Iterable[torch.nn.Module], rows: Iterable[int]) -> list[str]:
     """Time cuBLAS against the candidate tiles for each decode layer linear at each row count
     in `rows` (2..MAX_TUNED_ROWS; others are skipped), install the winners (`set_plan`) and
-    return one line per row count saying what was picked and the times."""
+    return one line per row count saying what was picked and the times.
+
+    A row count goes onto the fused layer path (`planned_rows`) only if its three linears
+    there (each the faster of skinny and cuBLAS + a separate SiLU·mul / residual add kernel)
+    beat the unfused path's (cuBLAS, the residual adds folded into the next norms) by
+    MIN_GAIN: a lone winning tile does not pay for the add kernels the others then need."""
     layers = list(layers)
     kinds = {
         "o": ([m.o_proj.weight for m in layers], False, True),
@@ -125,22 +130,31 @@ def tune(layers: Iterable[torch.nn.Module], rows: Iterable[int]) -> list[str]:
     for m in sorted(set(rows)):
         if not 2 <= m <= min(MAX_TUNED_ROWS, MAX_ROWS):
             continue
-        parts = []
+        parts, chosen = [], {}
+        fused_us = unfused_us = 0.0
         for name, (weights, gated, res) in kinds.items():
             n_rows, k = weights[0].shape
             n = n_rows // 2 if gated else n_rows
             x = torch.randn(m, k, generator=gen, device=w0.device).to(w0.dtype)
             r = torch.randn(m, n, generator=gen, device=w0.device).to(w0.dtype) if res else None
             base = _time_kind(x, weights, gated, r, None)
+            # The unfused layer path adds the residual inside the next norm: no add kernel.
+            unfused_us += _time_kind(x, weights, gated, None, None) if res else base
             best, best_us = None, base
             for cfg in CANDIDATES["gated" if gated else "residual"]:
                 us = _time_kind(x, weights, gated, r, cfg)
                 if us * MIN_GAIN < best_us:
                     best, best_us = cfg, us
+            fused_us += best_us
             if best is not None:
-                plan[(m, n_rows, k, gated, res)] = best
+                chosen[(m, n_rows, k, gated, res)] = best
             parts.append(f"{name} {'cuBLAS' if best is None else 'skinny'} {best_us:.1f} us"
                          f" (cuBLAS {base:.1f})")
-        lines.append(f"skinny GEMM at {m} rows: " + ", ".join(parts))
+        # The row count takes the fused layer path only if it beats the unfused one as a whole.
+        take = bool(chosen) and fused_us * MIN_GAIN < unfused_us
+        if take:
+            plan.update(chosen)
+        lines.append(f"skinny GEMM at {m} rows: {'fused' if take else 'unfused'} layer path, "
+                     f"{fused_us:.1f} vs {unfused_us:.1f} us unfused: " + ", ".join(parts))
     set_plan(plan)
     return lines
