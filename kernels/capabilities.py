@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 ATTENTION_CHAIN = ("flashinfer", "triton", "torch")
 # Defaults of `triton_decode_batches` (benchmarks/results/2026-12-06-decode-attention*.md).
-TRITON_DECODE_BATCHES = "0-0"
+TRITON_DECODE_BATCHES = "33-64"
 TRITON_DECODE_TILE = "32,4,2"
 MIN_CAPABILITY = {"flashinfer": (8, 0), "triton": (7, 5)}
 ENV_ATTENTION_BACKEND = "PDSERVE_ATTENTION_BACKEND"
