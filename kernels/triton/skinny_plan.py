@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 from kernels.triton.skinny_gemm import MAX_ROWS, SkinnyConfig, skinny_linear
 
@@ -142,7 +143,10 @@ def tune(layers: Iterable[torch.nn.Module], rows: Iterable[int]) -> list[str]:
             unfused_us += _time_kind(x, weights, gated, None, None) if res else base
             best, best_us = None, base
             for cfg in CANDIDATES["gated" if gated else "residual"]:
-                us = _time_kind(x, weights, gated, r, cfg)
+                try:
+                    us = _time_kind(x, weights, gated, r, cfg)
+                except OutOfResources:  # the tile's pipeline does not fit this device's smem
+                    continue
                 if us * MIN_GAIN < best_us:
                     best, best_us = cfg, us
             fused_us += best_us
