@@ -15,7 +15,9 @@ from kernels.capabilities import (
     fused_gemv_enabled,
     module_version,
     pdl_choice,
+    skinny_gemm_enabled,
     split_kv_decode_max_batch,
+    triton_decode_batches,
     triton_ops_usable,
 )
 
@@ -60,9 +62,15 @@ def report() -> list[tuple[str, str]]:
             n = split_kv_decode_max_batch()
             rows.append((f"{dev} small decode batches", f"fused Triton split-KV kernel up to batch {n}" if n > 0
                          else "backend kernels (PDSERVE_SPLIT_KV_DECODE_MAX_BATCH=0)"))
+        if attn.name == "flashinfer":
+            lo, hi, tile = triton_decode_batches()
+            rows.append((f"{dev} decode attention", f"Triton paged kernel, tile {tile}, for batches {lo}-{hi}; "
+                         "FlashInfer otherwise" if hi >= max(lo, 1) else "FlashInfer (PDSERVE_TRITON_DECODE_BATCHES)"))
         if ops.name == "triton":
             rows.append((f"{dev} batch-1 GEMV", "fused Triton GEMVs" if fused_gemv_enabled()
                          else "cuBLAS + norm/SiLU kernels (PDSERVE_FUSED_GEMV=0)"))
+            rows.append((f"{dev} decode-batch linears", "cuBLAS or the skinny GEMM, timed per batch size at "
+                         "engine start" if skinny_gemm_enabled() else "cuBLAS (PDSERVE_SKINNY_GEMM=0)"))
             pdl = pdl_choice(dev)
             rows.append((f"{dev} programmatic dependent launch", f"{pdl.name} ({pdl.why})"))
     return rows

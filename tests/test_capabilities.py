@@ -158,3 +158,31 @@ def test_pdl_choice_follows_capability_and_env(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setenv("PDSERVE_PDL", "0")
     assert pdl_choice(cuda) == ("off", "PDSERVE_PDL=0")
+
+
+def test_triton_decode_batches_setting(monkeypatch):
+    """PDSERVE_TRITON_DECODE_BATCHES="min-max" and PDSERVE_TRITON_DECODE_TILE="n,warps,stages"
+    parse into (min, max, tile); the defaults come from the module; a bad tile says so."""
+    from kernels import capabilities as c
+
+    monkeypatch.delenv("PDSERVE_TRITON_DECODE_BATCHES", raising=False)
+    monkeypatch.delenv("PDSERVE_TRITON_DECODE_TILE", raising=False)
+    lo, hi = (int(v) for v in c.TRITON_DECODE_BATCHES.split("-"))
+    assert c.triton_decode_batches() == (lo, hi, tuple(int(v) for v in c.TRITON_DECODE_TILE.split(",")))
+    monkeypatch.setenv("PDSERVE_TRITON_DECODE_BATCHES", "16-128")
+    monkeypatch.setenv("PDSERVE_TRITON_DECODE_TILE", "128,8,3")
+    assert c.triton_decode_batches() == (16, 128, (128, 8, 3))
+    monkeypatch.setenv("PDSERVE_TRITON_DECODE_BATCHES", "0-0")
+    assert c.triton_decode_batches()[:2] == (0, 0)
+    monkeypatch.setenv("PDSERVE_TRITON_DECODE_TILE", "64,4")
+    with pytest.raises(ValueError, match="BLOCK_N,warps,stages"):
+        c.triton_decode_batches()
+
+
+def test_skinny_gemm_setting(monkeypatch):
+    from kernels.capabilities import skinny_gemm_enabled
+
+    monkeypatch.delenv("PDSERVE_SKINNY_GEMM", raising=False)
+    assert skinny_gemm_enabled()
+    monkeypatch.setenv("PDSERVE_SKINNY_GEMM", "0")
+    assert not skinny_gemm_enabled()
