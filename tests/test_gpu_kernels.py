@@ -345,6 +345,24 @@ def test_fused_decode_attention_graph_replays(hq, hkv, d, batch, gen):
     assert not ws.counters.any()
 
 
+def _forward_rope_layers_0_2(backend, c, cache, q, k, v, pos, rope, graph: bool) -> torch.Tensor:
+    """forward_rope of layers 0 and 2 as the model calls it, on `backend` (planned, over cache
+    `c`, a copy of `cache`); graph: run once, restore `c` from `cache`, capture the two calls in
+    a CUDA graph and replay it into NaN-poisoned outputs. Returns both outputs side by side."""
+    run = lambda: [backend.forward_rope(layer, q, k, v, pos, rope) for layer in (0, 2)]  # noqa: E731
+    outs = run()
+    if graph:
+        c.copy_(cache)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs = run()
+        for o in outs:
+            o.fill_(float("nan"))
+        g.replay()
+    return torch.cat(outs, dim=-1)
+
+
 @pytest.mark.parametrize("name", ["flashinfer", "triton"])
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(32, 8, 128), (9, 3, 64)])
 @pytest.mark.parametrize("lens", [[1], [300], [17, 4097, 2], [5, 1000, 64, 129]])
@@ -367,18 +385,7 @@ def test_split_kv_decode_backend_on_off(name, hq, hkv, d, lens, graph, gen):
         backend = backend_class(name)(c, hq, hkv, d, split_kv_decode_max_batch=threshold)
         (backend.plan_cuda_graph if graph else backend.plan)(meta)
         assert backend._fused_decode == (threshold > 0)
-        run = lambda b=backend: [b.forward_rope(layer, q, k, v, pos, rope) for layer in (0, 2)]  # noqa: E731
-        outs = run()
-        if graph:
-            c.copy_(cache)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                outs = run()
-            for o in outs:
-                o.fill_(float("nan"))
-            g.replay()
-        results.append((torch.cat(outs, dim=-1), c))
+        results.append((_forward_rope_layers_0_2(backend, c, cache, q, k, v, pos, rope, graph), c))
     (fused, fused_cache), (plain, plain_cache) = results
     assert rel_err(fused, plain) < TOL[dtype]
     assert rel_err(fused_cache, plain_cache) < TOL[dtype]
@@ -617,18 +624,7 @@ def test_flashinfer_backend_triton_decode_range(lens, tile, graph, gen):
         (backend.plan_cuda_graph if graph else backend.plan)(meta)
         assert backend._triton_decode == (hi > 0)
         assert (backend._pending_plan is not None) == (hi > 0)
-        run = lambda b=backend: [b.forward_rope(layer, q, k, v, pos, rope) for layer in (0, 2)]  # noqa: E731
-        outs = run()
-        if graph:
-            c.copy_(cache)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                outs = run()
-            for o in outs:
-                o.fill_(float("nan"))
-            g.replay()
-        results.append((torch.cat(outs, dim=-1), c))
+        results.append((_forward_rope_layers_0_2(backend, c, cache, q, k, v, pos, rope, graph), c))
     (tri, tri_cache), (fi, fi_cache) = results
     assert rel_err(tri, fi) < TOL[dtype]
     assert rel_err(tri_cache, fi_cache) < TOL[dtype]
