@@ -14,7 +14,6 @@ path with a separate RMSNorm kernel and, per linear, the skinny GEMM with its ep
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kernels import ops
 from kernels.capabilities import fused_gemv_enabled
@@ -24,6 +23,7 @@ from kernels.triton.rms_norm import add_rms_norm as _add_rms_norm
 from kernels.triton.rms_norm import rms_norm as _rms_norm
 from kernels.triton.silu_mul import silu_and_mul as _silu_and_mul
 from kernels.triton.skinny_gemm import skinny_linear as _skinny_linear
+from kernels.triton.skinny_plan import cublas_path as _cublas_path
 from kernels.triton.skinny_plan import lookup as _skinny_lookup
 from kernels.triton.skinny_plan import planned_rows as _skinny_rows
 
@@ -73,11 +73,7 @@ def _multi_row_fused_linear(
     if cfg is not None:
         y = _skinny_linear(x, weight, silu_mul=silu_mul, residual=residual, config=cfg)
     else:
-        y = F.linear(x, weight, bias)
-        if silu_mul:
-            y = _silu_and_mul(y)
-        if residual is not None:
-            y = y + residual
+        y = _cublas_path(x, weight, bias, silu_mul, residual)
     return y if out_dtype is None else y.to(out_dtype)
 
 

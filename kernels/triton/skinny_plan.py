@@ -22,7 +22,6 @@ layer path) and only covers the row counts tuned: the decode CUDA-graph buckets.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -30,8 +29,6 @@ import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
 from kernels.triton.skinny_gemm import MAX_ROWS, SkinnyConfig, skinny_linear
-
-log = logging.getLogger(__name__)
 
 # A skinny tile replaces cuBLAS only when it is at least this much faster (timing noise).
 MIN_GAIN = 1.02
@@ -88,19 +85,22 @@ def _graph_us(fn: Callable[[int], object], count: int, reps: int = 10) -> float:
     return best
 
 
-def _cublas_path(x, w, gated: bool, r):
+def cublas_path(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gated: bool,
+                residual: torch.Tensor | None) -> torch.Tensor:
+    """What a linear runs where the plan keeps cuBLAS: the matmul, then the SiLU·mul and
+    residual-add kernels (the roundings of `kernels.ops.fused_linear_ref`)."""
     from kernels.triton.silu_mul import silu_and_mul
 
-    y = F.linear(x, w)
+    y = F.linear(x, w, bias)
     if gated:
         y = silu_and_mul(y)
-    return y if r is None else y + r
+    return y if residual is None else y + residual
 
 
 def _time_kind(x, weights, gated: bool, r, cfg: SkinnyConfig | None) -> float:
     """us per call of one linear over every layer's weight: cuBLAS path (cfg None) or skinny."""
     if cfg is None:
-        return _graph_us(lambda i: _cublas_path(x, weights[i], gated, r), len(weights))
+        return _graph_us(lambda i: cublas_path(x, weights[i], None, gated, r), len(weights))
     return _graph_us(lambda i: skinny_linear(x, weights[i], silu_mul=gated, residual=r, config=cfg),
                      len(weights))
 
