@@ -212,7 +212,7 @@ class Cluster:
         for rid, prompt_token_ids, params in children:
             hashes = PromptHashes(prompt_token_ids)
             pool = decoders if stream is None else [self.registry.workers[stream.worker_id]]
-            d = self._decide(rid, prompt_token_ids, hashes, pool)
+            d = self._decide(rid, prompt_token_ids, hashes, pool, params)
             if stream is None:
                 stream = RequestStream(ids, d.decode_worker)
             route = Route(rid, prompt_token_ids, params, arrival, d.decode_worker)
@@ -220,7 +220,8 @@ class Cluster:
             self._routes[rid] = route
             self.registry.workers[d.decode_worker].inflight += 1
             if d.prefill_worker is None:
-                self._prefill_locally(route, d.inputs["tokens_left"])
+                local_all = params.prompt_logprobs is not None  # no prefix hits: all computed
+                self._prefill_locally(route, None if local_all else d.inputs["tokens_left"])
             else:
                 route.stage, route.path, route.sent_at = Stage.RESERVING, "remote", self.clock()
                 self._set_prefill(route, d.prefill_worker)
@@ -236,7 +237,10 @@ class Cluster:
         assert stream is not None
         return stream
 
-    def _decide(self, rid: str, prompt: list[int], hashes: PromptHashes, pool: list[WorkerInfo]):
+    def _decide(
+        self, rid: str, prompt: list[int], hashes: PromptHashes, pool: list[WorkerInfo],
+        params: SamplingParams,
+    ):  # fmt: skip
         decoders = [snapshot(w, self.index, hashes) for w in pool]
         prefillers = [
             snapshot(w, self.index, hashes)
@@ -250,6 +254,9 @@ class Cluster:
             and self.registry.workers[d.decode_worker].kv_endpoint is None
         ):
             d = d._replace(prefill_worker=None, decision="local_no_prefill")
+        if d.prefill_worker is not None and params.prompt_logprobs is not None:
+            # the prompt's logits exist only where it is computed: the decode worker scores it
+            d = d._replace(prefill_worker=None, decision="local_prompt_logprobs")
         self.metrics.decisions.labels(d.decision).inc()
         logger.debug("request %s: %s decode=%s prefill=%s inputs=%s",
                      rid, d.decision, d.decode_worker, d.prefill_worker, d.inputs)  # fmt: skip

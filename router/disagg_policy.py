@@ -79,7 +79,7 @@ class Decision(NamedTuple):
     prefill_worker: str | None  # None: prefill locally on the decode worker
     decision: str  # metric label: "local_short", "local_saturated", "local_no_prefill",
     #                "local_mode", "local_sooner", "remote_long", "remote_decode_busy",
-    #                "remote_mode"
+    #                "remote_mode"; the router adds "local_prompt_logprobs"
     inputs: dict  # what the decision saw, for the debug log
 
 

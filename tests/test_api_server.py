@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 
 import httpx
@@ -259,6 +260,57 @@ def test_logprobs(client):
     assert r.choices[0].logprobs.token_logprobs[0] is None
 
 
+def test_echo_logprobs_score_the_prompt(http, offline):
+    """What evaluation harnesses send (lm-eval's local-completions: context + continuation
+    token ids, echo, logprobs=1, max_tokens=1): every echoed prompt token carries its logprob
+    given the tokens before it, equal to the engine's own prompt logprobs; vLLM's
+    `prompt_logprobs` extension returns the same scores with their ranks."""
+    context = offline.encode("Question: what is the capital of France?\nAnswer:")
+    continuation = offline.encode(" Paris, a city on the Seine.")
+    ids = context + continuation
+    ref = offline.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))[0]
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True,
+            "logprobs": 1, "prompt_logprobs": 2}  # fmt: skip
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt, then the one new token
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for j in range(1, len(ids)):
+        want = ref.prompt_logprobs[j]
+        assert abs(lp["token_logprobs"][j] - want.logprob) < 1e-4, j
+        top = lp["top_logprobs"][j]  # the most likely token and the prompt's own
+        assert lp["tokens"][j] in top and 1 <= len(top) <= 2
+        assert max(top.values()) == top[lp["tokens"][j]] or want.rank > 1
+        vllm = choice["prompt_logprobs"][j]
+        assert vllm[str(ids[j])]["rank"] == want.rank
+        assert abs(vllm[str(ids[j])]["logprob"] - want.logprob) < 1e-4
+        assert len(vllm) <= 3 and all(e["decoded_token"] is not None for e in vllm.values())
+    assert choice["prompt_logprobs"][0] is None
+    # the harness's log-likelihood of the continuation
+    score = sum(lp["token_logprobs"][len(context) : len(ids)])
+    assert math.isfinite(score) and score < 0
+    assert abs(score - sum(ref.prompt_logprobs[j].logprob for j in range(len(context), len(ids)))) < 1e-3
+
+    # streamed: the echoed prompt and its scores come first, then the new token
+    body.update(stream=True, prompt_logprobs=None)
+    with http.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    first = events[0]["choices"][0]
+    assert first["logprobs"]["token_logprobs"] == lp["token_logprobs"][: len(ids)]
+    assert "".join(e["choices"][0]["text"] for e in events) == choice["text"]
+
+    # chat: vLLM puts the one prompt's scores at the top of the response
+    chat = http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": CHAT, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0,
+    }).json()  # fmt: skip
+    n_prompt = chat["usage"]["prompt_tokens"]
+    assert len(chat["prompt_logprobs"]) == n_prompt and chat["prompt_logprobs"][0] is None
+    assert all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+
+
 def test_tokenize_detokenize(http):
     ids = http.post("/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
     assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello world"
@@ -313,6 +365,13 @@ BAD = [
     ("top_p out of range", "/v1/chat/completions", {"messages": CHAT, "top_p": 1.5}, 400),
     ("n zero", "/v1/completions", {"prompt": "x", "n": 0}, 400),
     ("logprobs too many", "/v1/completions", {"prompt": "x", "logprobs": 50}, 400),
+    ("prompt_logprobs too many", "/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400),
+    (
+        "prompt_logprobs streamed",
+        "/v1/chat/completions",
+        {"messages": CHAT, "prompt_logprobs": 1, "stream": True},
+        400,
+    ),
     ("token id out of vocab", "/v1/completions", {"prompt": [1, 10**9]}, 400),
     ("empty messages", "/v1/chat/completions", {"messages": []}, 400),
     (

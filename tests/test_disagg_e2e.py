@@ -140,3 +140,31 @@ def test_a_decode_side_prefix_hit_moves_only_the_missing_blocks(disagg):
     cached = metric(url, "pdserve:remote_prefill_cached_tokens_total") - cached_before
     assert cached >= (n - 1) // BLOCK * BLOCK
     assert_clean(url)
+
+
+def test_prompt_logprobs_are_computed_on_the_decode_worker(disagg):
+    """A request for prompt logprobs (echo + logprobs) is prefilled where it decodes, even in
+    --disagg-mode always: its prompt's logits exist only where the prompt is computed. The
+    scores equal the offline engine's and do not change when the prompt is cached there."""
+    from server.engine.llm import LLM
+    from server.engine.sampling_params import SamplingParams
+
+    url = disagg.base_url
+    prompt = "Scores. " + STORY
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1}
+    before = metric(url, "pdserve:disagg_decision_total", decision="local_prompt_logprobs")
+    moved = metric(url, "pdserve:kv_transfer_bytes_total")
+    got = []
+    for _ in range(2):
+        r = httpx.post(url + "/v1/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        got.append(r.json()["choices"][0]["logprobs"]["token_logprobs"])
+    assert got[0] == got[1]
+    assert metric(url, "pdserve:disagg_decision_total", decision="local_prompt_logprobs") == before + 2
+    assert metric(url, "pdserve:kv_transfer_bytes_total") == moved
+    offline = LLM(dtype="float32", kv_cache_memory="96MiB", max_num_seqs=8, num_threads=1, progress=False)
+    ref = offline.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))[0]
+    assert got[0][0] is None and len(got[0]) == len(ref.prompt_logprobs) + 1
+    for a, b in zip(got[0][1:-1], ref.prompt_logprobs[1:], strict=True):
+        assert abs(a - b.logprob) < 1e-4
+    assert_clean(url)

@@ -148,3 +148,62 @@ def test_logprobs_close_to_reference(llm, gguf_path, prompts):
             assert lp.top_token_ids == top.indices.tolist()
             for a, b in zip(lp.top_logprobs, top.values.tolist(), strict=True):
                 assert abs(a - b) < 2e-3
+
+
+def scoring(k: int | None) -> SamplingParams:
+    return SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=k)
+
+
+def check_prompt_logprobs(prompt: list[int], got, ref, k: int) -> None:
+    """`got` (an engine's prompt_logprobs) against HF's teacher-forced log-softmax `ref` of
+    the prompt: position j scores prompt[j] given prompt[:j]; the first has no score."""
+    assert got is not None and len(got) == len(prompt)
+    assert got[0] is None
+    for j in range(1, len(prompt)):
+        lp, row = got[j], ref[j - 1]
+        assert lp.token_id == prompt[j]
+        assert abs(lp.logprob - row[prompt[j]].item()) < 2e-3, j
+        v = row[prompt[j]].item()  # its rank, up to tokens within the tolerance of it
+        assert int((row > v + 2e-3).sum()) + 1 <= lp.rank <= int((row > v - 2e-3).sum()) + 1, j
+        top = row.topk(k)
+        assert lp.top_token_ids == top.indices.tolist(), j
+        for a, b in zip(lp.top_logprobs, top.values.tolist(), strict=True):
+            assert abs(a - b) < 2e-3
+
+
+def test_prompt_logprobs_match_reference(llm, gguf_path, prompts, chat_prompts):
+    """Teacher-forced scores of the prompts themselves (what `echo` + `logprobs` serve): every
+    prompt position against HF's full forward pass, prompts batched with plain requests."""
+    model = hf_model(gguf_path)
+    ps = [prompts[3], prompts[5], chat_prompts[0]]
+    params = [scoring(5), scoring(0), greedy()]
+    results = llm.generate(ps, params)
+    check_prompt_logprobs(ps[0], results[0].prompt_logprobs, hf_logprobs(model, ps[0]), 5)
+    check_prompt_logprobs(ps[1], results[1].prompt_logprobs, hf_logprobs(model, ps[1]), 0)
+    assert results[2].prompt_logprobs is None
+    llm.engine.check_integrity()
+    assert llm.engine.kv.usage == 0.0
+
+
+def test_prompt_logprobs_chunked_cached_and_preempted(prompts, chat_prompts, gguf_path, reference):
+    """The same scores when the prompt is prefilled in 24-token chunks, when its prefix is in
+    the cache (the cache is bypassed: cached positions have no logits), and when KV pressure
+    preempts requests mid-prompt and recomputes them."""
+    model = hf_model(gguf_path)
+    spec_bytes = 30 * 2 * 16 * 3 * 64 * 4
+    eng = LLM(EngineConfig(dtype="float32", kv_cache_memory=24 * spec_bytes, progress=False,
+                           long_prefill_token_threshold=24, max_num_batched_tokens=48))
+    warm = eng.generate([chat_prompts[0]], scoring(None))[0]
+    assert warm.num_cached_tokens == 0
+    scored = eng.generate([chat_prompts[1]], scoring(3))[0]
+    assert scored.num_cached_tokens == 0  # the shared system prompt's blocks were not used
+    check_prompt_logprobs(chat_prompts[1], scored.prompt_logprobs, hf_logprobs(model, chat_prompts[1]), 3)
+    before = eng.engine.stats().num_preemptions
+    many = prompts + chat_prompts
+    results = eng.generate(many, greedy(prompt_logprobs=1))
+    assert eng.engine.stats().num_preemptions > before
+    for p, r in zip(many, results, strict=True):
+        check_prompt_logprobs(p, r.prompt_logprobs, hf_logprobs(model, p), 1)
+        assert r.token_ids == reference[tuple(p)]
+    eng.engine.check_integrity()
+    assert eng.engine.kv.num_free_blocks == eng.engine.kv.num_blocks

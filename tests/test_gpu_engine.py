@@ -2,12 +2,14 @@
 fused ops, CUDA-graph decode) against HF transformers in bf16 on the same GPU, both from the
 embedded GGUF:
 
-- teacher-forced top-1 agreement: is every token our engine picks greedily (64 per prompt,
+- teacher-forced top-1 agreement (#5: >= 99%), literally: the same ~2k-token sequences (prose,
+  code, dialogue, chat prompts) scored whole by both, the engine through its prompt logprobs;
+- the same check on the decode path: is every token our engine picks greedily (64 per prompt,
   prompts generated as one continuous batch or one at a time) HF's argmax given the same prefix?
-  #5 asks for >= 99%; this check's bf16 noise floor is printed with it: HF bf16's own greedy
-  decoding agrees with HF bf16's teacher-forced pass on 98.78% of these tokens (H200,
-  2026-12-02), so the bars are 97.5%, "at least as close to HF fp32 as HF bf16 is", and every
-  flipped token a near-tie in HF's distribution;
+  Its bf16 noise floor is printed with it: HF bf16's own greedy decoding agrees with HF bf16's
+  teacher-forced pass on 98.78% of these tokens (H200, 2026-12-02), so the bars there are
+  97.5%, "at least as close to HF fp32 as HF bf16 is", and every flipped token a near-tie in
+  HF's distribution;
 - its logprobs, and the full logits of a chunked prefill with cached context, are within bf16
   tolerance of HF's.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import gc
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +158,56 @@ def check_agreement(llm, hf, hf32, ps, results) -> None:
     # Every flip is a near-tie in HF's own bf16 distribution (a wrong layer flips confident
     # ones): within the logprob tolerance above. HF's logits are bf16, so gaps come in steps of
     # their ulp (0.125 at |logit| 16-32, 0.25 at 32-64).
+    assert max(flip_gaps, default=0.0) < 0.5
+    llm.engine.check_integrity()
+
+
+def teacher_forcing_prompts(llm) -> list[list[int]]:
+    """Natural sequences to score whole: prose, a recipe, code, a dialogue, a letter, a
+    worked problem... (tests/data/teacher_forcing.txt, ~1.5k tokens) and the prompts above."""
+    path = Path(__file__).parent / "data" / "teacher_forcing.txt"
+    return [llm.encode(t) for t in path.read_text().split("===\n")] + prompts(llm)
+
+
+def test_prompt_logprobs_teacher_forced_agree_with_hf(llm, hf, hf32):
+    """#5's teacher-forced top-1 agreement in its literal form: the same token sequences go
+    through both models whole, and at every position the engine's most likely next token (its
+    prompt logprobs, through `LLM.generate`: scheduler, this config's prefill path, lm_head) is
+    compared with HF bf16's. Ties count as agreement: HF's logits are bf16, so exact ties
+    happen, and which tied token a top-k returns first is arbitrary. Bars: >= 99% (#5),
+    logprobs within bf16 tolerance, every flip a near-tie in HF's own distribution, and
+    tracking HF fp32 about as well as HF bf16 itself does (bf16 noise flips near-ties either
+    way: a CPU run measured HF bf16 at 97.6% against fp32 on these sequences)."""
+    ps = teacher_forcing_prompts(llm)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+    agree = agree32 = hf_agree32 = total = 0
+    lp_diffs, flip_gaps = [], []
+    for p, r in zip(ps, llm.generate(ps, params), strict=True):
+        assert len(r.prompt_logprobs) == len(p) and r.prompt_logprobs[0] is None
+        rows, rows32 = hf_log_softmax(hf, p)[:-1], hf_log_softmax(hf32, p)[:-1]
+        ours = torch.tensor([lp.top_token_ids[0] for lp in r.prompt_logprobs[1:]], device=DEV)
+        best, best32 = rows.max(-1).values, rows32.max(-1).values
+        ours_lp = rows.gather(-1, ours[:, None])[:, 0]
+        hit = ours_lp == best
+        agree += hit.sum().item()
+        agree32 += (rows32.gather(-1, ours[:, None])[:, 0] == best32).sum().item()
+        hf_agree32 += (rows32.gather(-1, rows.argmax(-1)[:, None])[:, 0] == best32).sum().item()
+        flip_gaps += (best - ours_lp)[~hit].tolist()
+        total += len(p) - 1
+        target = torch.tensor(p[1:], device=DEV)
+        ref = rows.gather(-1, target[:, None])[:, 0]
+        got = torch.tensor([lp.logprob for lp in r.prompt_logprobs[1:]], device=DEV)
+        lp_diffs += (got - ref).abs().tolist()
+    diffs = torch.tensor(lp_diffs)
+    print(f"\n[{llm.engine.attn.name}, piecewise={llm.engine.runner.piecewise is not None}] "
+          f"teacher-forced top-1 agreement vs HF bf16 {agree}/{total} = {agree / total:.4f}, vs "
+          f"HF fp32 {agree32 / total:.4f} (HF bf16 vs HF fp32: {hf_agree32 / total:.4f}); prompt "
+          f"logprob |diff| vs HF bf16 mean {diffs.mean():.4f} max {diffs.max():.4f}; HF bf16 "
+          f"log-prob gaps where we differ: {sorted(round(g, 3) for g in flip_gaps)}")
+    assert agree / total >= 0.99
+    assert agree32 >= hf_agree32 - 0.005 * total
+    assert diffs.mean() < 0.05
+    assert diffs.max() < 0.5
     assert max(flip_gaps, default=0.0) < 0.5
     llm.engine.check_integrity()
 

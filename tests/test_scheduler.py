@@ -97,6 +97,38 @@ def test_prefix_hit_skips_cached_tokens():
     assert out.scheduled[0].num_new_tokens == 2
 
 
+def test_prompt_logprobs_bypass_the_prefix_cache_until_handed_out():
+    """Cached positions have no logits: a request for prompt logprobs computes its whole
+    prompt, in chunks, and its scores go out once, with its first token."""
+    from server.engine.outputs import TokenLogprobs
+
+    s = make(max_num_batched_tokens=8)
+    s.add(req("warm", 12, max_tokens=1))
+    drain(s)
+    r = req("scored", 12, max_tokens=2, prompt_logprobs=0)
+    s.add(r)
+    outs = []
+    while not outs:
+        out = s.schedule()
+        (sr,) = out.scheduled
+        first = sr.request.num_computed_tokens
+        # what the model runner returns: the positions of this chunk that score a prompt token
+        n = min(first + sr.num_new_tokens, 11) - first
+        lps = [TokenLogprobs(first + 1 + i, -1.0, 1, [], []) for i in range(n)]
+        sampled = {"scored": (7, None)} if sr.samples else {}
+        outs = s.update(out, sampled, {"scored": (first + 1, lps)})
+    assert r.num_cached_tokens == 0
+    assert [lp and lp.token_id for lp in outs[0].prompt_logprobs] == [None, *range(1, 12)]
+    assert r.prompt_logprobs is None
+    _, outs = run_step(s)
+    assert outs[0].prompt_logprobs is None and outs[0].finished
+    again = req("again", 12, max_tokens=1)
+    s.add(again)
+    drain(s)
+    assert again.num_cached_tokens == 8  # plain requests still hit the cache
+    s.kv.check_integrity()
+
+
 def test_preemption_when_blocks_run_out_and_recompute():
     s = make(num_blocks=6)  # 24 token slots
     a, b = req("a", 8, max_tokens=12), req("b", 8, max_tokens=12, start=50)

@@ -15,7 +15,7 @@ from starlette.types import Receive
 from server.api.context import ServerContext
 from server.api.errors import APIError, error_body
 from server.api.generation import Choice, Generation, GenerationError
-from server.api.logprobs import chat_logprobs
+from server.api.logprobs import chat_logprobs, vllm_prompt_logprobs
 from server.api.protocol import ChatCompletionRequest
 from server.api.responses import json_response
 from server.api.sse import DONE, ClientDisconnected, StreamingBody, run_until_disconnect, sse_event
@@ -43,7 +43,9 @@ def build_generation(
         max_tokens = resolve_max_tokens(
             req.requested_max_tokens(), len(prompt.token_ids), ctx.max_model_len
         )
-        params = req.sampling_params(max_tokens, req.requested_logprobs(), ctx.vocab_size)
+        params = req.sampling_params(
+            max_tokens, req.requested_logprobs(), ctx.vocab_size, req.prompt_logprobs
+        )
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
     return Generation(ctx, request_id, [prompt], [params], req.n, arrival)
@@ -79,6 +81,10 @@ async def create_chat_completion(
         "choices": [_final_choice(ctx, req, c) for c in gen.choices],
         "usage": gen.usage(),
     }
+    if req.prompt_logprobs is not None:  # vLLM: one list for the one prompt, at the top
+        body["prompt_logprobs"] = vllm_prompt_logprobs(
+            ctx.token_text, gen.choices[0].state.prompt_logprobs, req.prompt_logprobs
+        )
     return json_response(body)
 
 

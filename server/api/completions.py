@@ -14,7 +14,7 @@ from starlette.types import Receive
 from server.api.context import ServerContext
 from server.api.errors import APIError, error_body
 from server.api.generation import Choice, Generation, GenerationError
-from server.api.logprobs import CompletionLogprobs, merge_completion_logprobs
+from server.api.logprobs import CompletionLogprobs, merge_completion_logprobs, vllm_prompt_logprobs
 from server.api.protocol import CompletionRequest
 from server.api.responses import json_response
 from server.api.sse import DONE, ClientDisconnected, StreamingBody, run_until_disconnect, sse_event
@@ -39,6 +39,7 @@ def build_generation(
                 resolve_max_tokens(req.max_tokens, len(p.token_ids), max_len),
                 req.logprobs,
                 ctx.vocab_size,
+                req.engine_prompt_logprobs(),
             )
             for p in prompts
         ]
@@ -82,24 +83,31 @@ def _echo_text(ctx: ServerContext, c: Choice) -> str:
     )
 
 
+def _echo_logprobs(lp: CompletionLogprobs, req: CompletionRequest, c: Choice) -> dict[str, Any]:
+    return lp.prompt(c.prompt.token_ids, c.state.prompt_logprobs, req.logprobs or 0)
+
+
 def _final_choice(ctx: ServerContext, req: CompletionRequest, c: Choice) -> dict[str, Any]:
     st = c.state
     text = st.text
     logprobs = None
     if req.logprobs is not None:
         lp = CompletionLogprobs(ctx.token_text)
-        parts = [lp.prompt(c.prompt.token_ids)] if req.echo else []
+        parts = [_echo_logprobs(lp, req, c)] if req.echo else []
         parts.append(lp.generated(st.logprobs[: len(st.token_ids)]))
         logprobs = merge_completion_logprobs(parts)
     if req.echo:
         text = _echo_text(ctx, c) + text
-    return {
+    choice = {
         "index": c.index,
         "text": text,
         "logprobs": logprobs,
         "finish_reason": st.finish_reason,
         "stop_reason": st.stop_reason,
     }
+    if req.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = vllm_prompt_logprobs(ctx.token_text, st.prompt_logprobs, req.prompt_logprobs)
+    return choice
 
 
 async def _stream(
@@ -121,13 +129,19 @@ async def _stream(
         return sse_event({**head, "choices": [choice]})
 
     try:
-        if req.echo:
-            for c in gen.choices:
-                echo_lp = lps[c.index].prompt(c.prompt.token_ids) if want_logprobs else None
-                yield chunk(c.index, _echo_text(ctx, c), echo_lp, None, None)
+        # The echoed prompt comes first; with logprobs it waits for the prompt's scores, which
+        # arrive with the choice's first token.
+        echo_due = {c.index for c in gen.choices} if req.echo else set()
+        if req.echo and not want_logprobs:
+            yield b"".join(chunk(c.index, _echo_text(ctx, c), None, None, None) for c in gen.choices)
+            echo_due.clear()
         async for batch in gen.updates():
             out = []
             for c, d in batch:
+                if c.index in echo_due:
+                    echo_due.discard(c.index)
+                    echo_lp = _echo_logprobs(lps[c.index], req, c)
+                    out.append(chunk(c.index, _echo_text(ctx, c), echo_lp, None, None))
                 logprobs = lps[c.index].generated(d.logprobs or []) if want_logprobs else None
                 if d.text or d.finish_reason is not None or (want_logprobs and d.token_ids):
                     out.append(chunk(c.index, d.text, logprobs, d.finish_reason, d.stop_reason))

@@ -54,6 +54,8 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     best_of: int | None = None
+    # vLLM's extension: each prompt token's logprob (+ the top k) given the tokens before it
+    prompt_logprobs: int | None = None
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -64,12 +66,19 @@ class _SamplingFields(_Request):
             raise ValueError("best_of is not supported (only best_of == n).")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options may only be set when stream is true.")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs are not available when stream is true.")
 
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, vocab_size: int | None
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        vocab_size: int | None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
-        """`max_tokens` is already resolved against the context; raises ValueError when a
-        value is out of range."""
+        """`max_tokens` is already resolved against the context; `prompt_logprobs` is what the
+        engine computes (the request's own, or what echo needs); raises ValueError when a value
+        is out of range."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         p = SamplingParams(
             max_tokens=max_tokens,
@@ -87,6 +96,7 @@ class _SamplingFields(_Request):
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
         )
         p.validate(vocab_size)
@@ -109,6 +119,12 @@ class CompletionRequest(_SamplingFields):
         super().check()
         if self.suffix:
             raise ValueError("suffix is not supported.")
+
+    def engine_prompt_logprobs(self) -> int | None:
+        """The prompt logprobs the engine must compute: `prompt_logprobs`, and with `echo` +
+        `logprobs` the echoed prompt's own (the top `logprobs`), as OpenAI's legacy API did."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
 
 class ChatMessage(BaseModel):

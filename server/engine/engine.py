@@ -152,7 +152,8 @@ class EngineCore:
                      else f"the {backend_cls.name} backend cannot be captured")
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # see `step`
         self.runner = ModelRunner(self.model, self.attn, self.kv, Sampler(seed=config.seed),
-                                  self.device, cuda_graphs=graphs, piecewise=piecewise)
+                                  self.device, cuda_graphs=graphs, piecewise=piecewise,
+                                  max_logit_rows=config.max_num_seqs)
         log.info("engine ready: %s, %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d",
                  self.device, self.dtype, num_blocks, config.block_size,
                  num_blocks * self.kv_spec.bytes_per_block / 2**20, max_len)
@@ -208,9 +209,10 @@ class EngineCore:
                 else:
                     self.runner.prepare_ahead(rows, pending)
         sampled = pending.result()
+        prompt_logprobs = pending.prompt_logprobs()
         if launched_ahead:
             self.scheduler.step_synced()  # `out` has run: blocks only it held can go
-        return self.scheduler.update(out, sampled)
+        return self.scheduler.update(out, sampled, prompt_logprobs)
 
     def has_unfinished_requests(self) -> bool:
         return self._in_flight is not None or self.scheduler.has_unfinished()
@@ -263,6 +265,8 @@ class EngineCore:
         starts decoding at `remote_kv_arrived`; if that has not happened `lease_s` from now it
         is prefilled here instead (its blocks stay quarantined for `grace_s` more)."""
         req = self._validated_request(request_id, prompt_token_ids, params)
+        if req.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs need the prompt computed where the request decodes")
         match = self.scheduler.reserve_remote(req, lease_s, grace_s)
         if match is None:
             return None

@@ -25,6 +25,8 @@ class Completion:
     stop_reason: int | str | None
     num_cached_tokens: int
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs: one per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class LLM:
@@ -73,7 +75,7 @@ class LLM:
             pass
         return [
             Completion(rid, st.prompt_token_ids, st.token_ids, st.text, st.finish_reason,
-                       st.stop_reason, st.num_cached_tokens, st.logprobs)
+                       st.stop_reason, st.num_cached_tokens, st.logprobs, st.prompt_logprobs)
             for rid, st in states.items()
         ]
 

@@ -23,20 +23,34 @@ from server.engine.cuda_graphs import CudaGraphRunner, DecodeBatch, StagedDecode
 from server.engine.host_copy import device_tensor
 from server.engine.outputs import TokenLogprobs
 from server.engine.piecewise_graphs import PiecewiseGraphRunner
+from server.engine.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs, prompt_rows
 from server.engine.request import Request
 from server.engine.sampler import PendingSample, Sampler, SamplingRow
 from server.engine.scheduler import DecodeRow, SchedulerOutput
 from server.models.llama import LlamaForCausalLM
 
 Sampled = dict[str, tuple[int, TokenLogprobs | None]]
+PromptLogprobs = dict[str, tuple[int, list[TokenLogprobs]]]
 
 
 class PendingStep:
-    """A launched step: its sampled tokens are on the device until `result()`."""
+    """A launched step: its sampled tokens (and prompt logprobs) are on the device until
+    `result()` (`prompt_logprobs()`)."""
 
-    def __init__(self, requests: list[Request], sample: PendingSample | None) -> None:
+    def __init__(
+        self,
+        requests: list[Request],
+        sample: PendingSample | None,
+        prompt: PendingPromptLogprobs | None = None,
+    ) -> None:
         self.requests = requests  # the rows that sample, in the sampler's order
         self.sample = sample
+        self.prompt = prompt
+
+    def prompt_logprobs(self) -> PromptLogprobs:
+        """request id -> (first prompt index scored, logprobs) of the requests whose prompt
+        positions this step computed with SamplingParams.prompt_logprobs; waits for the device."""
+        return {} if self.prompt is None else self.prompt.result()
 
     def result(self) -> Sampled:
         """request id -> (token, logprobs) for each request that sampled; waits for the device."""
@@ -59,6 +73,7 @@ class ModelRunner:
         device: torch.device,
         cuda_graphs: CudaGraphRunner | None = None,
         piecewise: PiecewiseGraphRunner | None = None,
+        max_logit_rows: int = 64,
     ) -> None:
         self.model = model
         self.attn = attn
@@ -68,6 +83,7 @@ class ModelRunner:
         self.block_size = kv.block_size
         self.cuda_graphs = cuda_graphs
         self.piecewise = piecewise  # prefill / mixed steps up to its token count
+        self.max_logit_rows = max_logit_rows  # rows of logits at a time for prompt logprobs
         # The step staged by prepare_ahead: (its batch without input ids, staged graph inputs).
         self._ahead: tuple[tuple, StagedDecode] | None = None
         self.ahead_used = 0  # steps that replayed a prepared batch
@@ -182,6 +198,16 @@ class ModelRunner:
                 self.attn.plan(meta)
                 out_rows = self.model(ids, pos_t, self.attn)
             are_logits = False
+        prompt = None
+        jobs = prompt_rows(out.scheduled, starts)
+        if jobs:
+            hidden = out_rows
+
+            def logits_of(idx: torch.Tensor) -> torch.Tensor:
+                rows = hidden.index_select(0, idx)
+                return rows if are_logits else self.model.compute_logits(rows)
+
+            prompt = launch_prompt_logprobs(logits_of, jobs, self.device, self.max_logit_rows)
         # Only rows whose chunk reaches the end of their known tokens produce a token.
         rows, last = [], []
         for i, s in enumerate(out.scheduled):
@@ -190,11 +216,11 @@ class ModelRunner:
                 last.append(starts[i + 1] - 1)
         reqs = [s.request for s in out.scheduled if s.samples]
         if not rows:
-            return PendingStep(reqs, None)
+            return PendingStep(reqs, None, prompt)
         if len(last) != out_rows.shape[0]:  # else every row samples (decode steps): no gather
             out_rows = out_rows[device_tensor(last, torch.int64, self.device)]
         logits = out_rows if are_logits else self.model.compute_logits(out_rows)
-        return PendingStep(reqs, self.sampler.launch(logits, rows))
+        return PendingStep(reqs, self.sampler.launch(logits, rows), prompt)
 
     @torch.inference_mode()
     def prepare_ahead(self, rows: list[DecodeRow], pending: PendingStep) -> None:

@@ -41,6 +41,8 @@ class RequestState:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_cached_tokens = 0
+        # SamplingParams.prompt_logprobs: one per prompt token (None for the first), once known
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -51,6 +53,8 @@ class RequestState:
         if self.finished:
             return TextDelta("", [], None, self.finish_reason, self.stop_reason, False)
         self.num_cached_tokens = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         n_before = len(self.token_ids)
         self.token_ids.extend(out.new_token_ids)
         if out.new_logprobs:

@@ -10,9 +10,10 @@ import msgspec
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
-    """Log-probabilities for one generated position (raw model distribution, before penalties
-    and temperature: vLLM v1's default). `top_token_ids` / `top_logprobs` hold the k most
-    likely tokens, most likely first (k = SamplingParams.logprobs)."""
+    """Log-probabilities for one position: of the generated token (raw model distribution,
+    before penalties and temperature: vLLM v1's default) or of a prompt token given the tokens
+    before it. `top_token_ids` / `top_logprobs` hold the k most likely tokens, most likely first
+    (k = SamplingParams.logprobs / prompt_logprobs)."""
 
     token_id: int
     logprob: float
@@ -32,6 +33,9 @@ class RequestOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     timings: RequestTimings | None = None  # set on the final output only
+    # SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), on the
+    # output that carries the first generated token only
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:

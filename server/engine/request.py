@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from server.engine.outputs import TokenLogprobs
 from server.engine.sampling_params import SamplingParams
 
 
@@ -72,6 +73,11 @@ class Request:
         self.quarantine_until = 0.0
         self.remote_retried = False  # a second prefill worker was asked (see Scheduler.remote_retry)
         self.generator: torch.Generator | None = None
+        # SamplingParams.prompt_logprobs: filled position by position as the prompt is computed
+        # (recomputed after a preemption), handed out with the first token, then None.
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
+        if sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
         if sampling_params.seed is not None:
             self.generator = torch.Generator()
             self.generator.manual_seed(sampling_params.seed)

@@ -356,32 +356,67 @@ def _apply_top_k_top_p(
     return torch.empty_like(x).scatter_(1, order, x_sorted)
 
 
+def logprob_fields(raw: torch.Tensor, chosen: torch.Tensor, k_max: int) -> list[torch.Tensor]:
+    """For raw logits [M, V] and one chosen token per row [M]: the chosen token's logprob [M],
+    its rank [M] (1 = most likely; tokens tied with it do not count) and, if k_max > 0, the
+    k_max most likely tokens' ids and logprobs [M, k_max], most likely first. All float64: it
+    holds int64 ids / ranks (< 2**53) and float32 logprobs exactly, so `pack_fields` makes one
+    tensor for one device->host copy."""
+    logprobs = torch.log_softmax(raw.float(), dim=-1)  # [M, V]
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))  # [M, 1]
+    rank = (logprobs > chosen_lp).sum(dim=-1) + 1
+    fields = [chosen_lp.squeeze(1).double(), rank.double()]
+    if k_max > 0:
+        top_lp, top_ids = logprobs.topk(k_max, dim=-1)
+        fields += [top_ids.double(), top_lp.double()]
+    return fields
+
+
+def pack_fields(slices: Sequence[list[torch.Tensor]]) -> torch.Tensor:
+    """`logprob_fields` of consecutive row slices, as one flat tensor, field by field."""
+    return torch.cat([torch.cat([s[f] for s in slices]).flatten() for f in range(len(slices[0]))])
+
+
+def unpack_logprobs(
+    flat: Sequence[float], token_ids: Sequence[int], ks: Sequence[int], k_max: int
+) -> list[TokenLogprobs]:
+    """`pack_fields`' tensor (as a host list) of M rows back into TokenLogprobs: row j scored
+    `token_ids[j]` and keeps its top `ks[j]` (<= k_max) alternatives."""
+    m = len(token_ids)
+    chosen_lps = flat[:m]
+    ranks = flat[m : 2 * m]
+    top_ids_flat = flat[2 * m : 2 * m + m * k_max]
+    top_lps_flat = flat[2 * m + m * k_max :]
+    out = []
+    for j, (tok, k) in enumerate(zip(token_ids, ks, strict=True)):
+        start = j * k_max
+        out.append(TokenLogprobs(
+            token_id=tok,
+            logprob=chosen_lps[j],
+            rank=int(ranks[j]),
+            top_token_ids=[int(t) for t in top_ids_flat[start : start + k]],
+            top_logprobs=top_lps_flat[start : start + k],
+        ))  # fmt: skip
+    return out
+
+
 def _payload(
     logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow]
 ) -> tuple[torch.Tensor, tuple[list[int], int]]:
     """Everything the host needs from a sampled batch as one tensor (so one device->host
     copy): tokens [N] int64 alone, or, when some row wants logprobs (from the raw logits
-    [N, V]), float64 [tokens, chosen logprobs, ranks, top ids, top logprobs]. Also returns
-    (rows with logprobs, top-k width) for `_parse`."""
+    [N, V]), float64 [tokens, `logprob_fields` of those rows]. Also returns (rows with
+    logprobs, top-k width) for `_parse`."""
     lp_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     if not lp_rows:
         return tokens, (lp_rows, 0)
-    vocab = logits.shape[1]
     if len(lp_rows) == len(rows):
         raw, chosen = logits, tokens
     else:
         idx = device_tensor(lp_rows, torch.int64, logits.device)
         raw, chosen = logits.index_select(0, idx), tokens.index_select(0, idx)
-    logprobs = torch.log_softmax(raw.float(), dim=-1)  # [M, V]
-    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))  # [M, 1]
-    rank = (logprobs > chosen_lp).sum(dim=-1) + 1  # [M]; tokens tied with it do not count
-    k_max = min(max(rows[i].params.logprobs or 0 for i in lp_rows), vocab)
-    # float64 holds int64 ids/ranks (< 2**53) and float32 logprobs exactly: one tensor, one copy.
-    parts = [tokens.double(), chosen_lp.squeeze(1).double(), rank.double()]
-    if k_max > 0:
-        top_lp, top_ids = logprobs.topk(k_max, dim=-1)  # [M, k_max], most likely first
-        parts += [top_ids.double().flatten(), top_lp.double().flatten()]
-    return torch.cat(parts), (lp_rows, k_max)
+    k_max = min(max(rows[i].params.logprobs or 0 for i in lp_rows), logits.shape[1])
+    return torch.cat([tokens.double(), pack_fields([logprob_fields(raw, chosen, k_max)])]), (lp_rows, k_max)
 
 
 def _parse(flat: list, rows: Sequence[SamplingRow], layout: tuple[list[int], int]) -> SamplerOutput:
@@ -390,21 +425,11 @@ def _parse(flat: list, rows: Sequence[SamplingRow], layout: tuple[list[int], int
     lp_rows, k_max = layout
     if not lp_rows:
         return SamplerOutput(flat, [None] * n)
-    m = len(lp_rows)
     token_ids = [int(t) for t in flat[:n]]
-    chosen_lps = flat[n : n + m]
-    ranks = flat[n + m : n + 2 * m]
-    top_ids_flat = flat[n + 2 * m : n + 2 * m + m * k_max]
-    top_lps_flat = flat[n + 2 * m + m * k_max :]
+    # k_max is capped at the vocabulary
+    ks = [min(rows[i].params.logprobs or 0, k_max) for i in lp_rows]
+    lps = unpack_logprobs(flat[n:], [token_ids[i] for i in lp_rows], ks, k_max)
     out: list[TokenLogprobs | None] = [None] * n
-    for j, i in enumerate(lp_rows):
-        k = min(rows[i].params.logprobs or 0, k_max)  # k_max is capped at the vocabulary
-        start = j * k_max
-        out[i] = TokenLogprobs(
-            token_id=token_ids[i],
-            logprob=chosen_lps[j],
-            rank=int(ranks[j]),
-            top_token_ids=[int(t) for t in top_ids_flat[start : start + k]],
-            top_logprobs=top_lps_flat[start : start + k],
-        )
+    for i, lp in zip(lp_rows, lps, strict=True):
+        out[i] = lp
     return SamplerOutput(token_ids, out)

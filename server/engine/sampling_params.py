@@ -25,6 +25,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob + top-k alternatives
+    # None: none; k >= 0: each prompt token's logprob given the tokens before it, + top-k
+    # alternatives (the first prompt token has none). The prompt is then computed in full,
+    # never served from the prefix cache: cached positions have no logits.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     @property
@@ -59,6 +63,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             )
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}.")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}.")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty.")
         if vocab_size is not None:

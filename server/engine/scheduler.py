@@ -312,7 +312,8 @@ class Scheduler:
             and len(self.running) + len(self.remote) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
-            match = self.kv.match_prefix(req.all_token_ids)
+            # Prompt logprobs need every prompt position computed: no cache hits until sent.
+            match = PrefixMatch([], 0) if req.prompt_logprobs is not None else self.kv.match_prefix(req.all_token_ids)
             n = min(req.num_tokens - match.num_tokens, budget)
             if self.config.long_prefill_token_threshold:
                 n = min(n, self.config.long_prefill_token_threshold)
@@ -364,16 +365,22 @@ class Scheduler:
         self,
         out: SchedulerOutput,
         sampled: dict[str, tuple[int, TokenLogprobs | None]],
+        prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] | None = None,
     ) -> list[RequestOutput]:
         """Advance computed tokens, append sampled tokens, finish requests, cache full blocks.
-        `sampled` holds a token for exactly the scheduled requests whose `samples` was true.
-        Rows of requests that finished or were aborted after the step was launched (a step
-        launched ahead, see `step_launched`) are dropped."""
+        `sampled` holds a token for exactly the scheduled requests whose `samples` was true;
+        `prompt_logprobs` (request id -> first prompt index scored, logprobs) those computed
+        for requests that asked. Rows of requests that finished or were aborted after the step
+        was launched (a step launched ahead, see `step_launched`) are dropped."""
         outputs: list[RequestOutput] = []
         now = self.clock()
         for req, n in out.scheduled:
             if req.status.finished:
                 continue
+            scored = prompt_logprobs.get(req.request_id) if prompt_logprobs else None
+            if scored is not None and req.prompt_logprobs is not None:
+                first, lps = scored
+                req.prompt_logprobs[first : first + len(lps)] = lps
             req.num_computed_tokens += n
             hit = sampled.get(req.request_id)
             if hit is None:
@@ -398,6 +405,8 @@ class Scheduler:
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=max(req.num_cached_tokens, 0),
         )
+        if req.prompt_logprobs is not None:  # the first token: hand them out once
+            ro.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
         if req.status.finished:
             ro.finish_reason = FINISH_REASON[req.status]
             ro.stop_reason = req.stop_reason

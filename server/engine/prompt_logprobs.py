@@ -1,0 +1,105 @@
+"""Prompt logprobs (`SamplingParams.prompt_logprobs`): the log-probability of each prompt token
+given the tokens before it. These are the teacher-forced scores an evaluation harness reads
+(`echo` + `logprobs` on /v1/completions, vLLM's `prompt_logprobs`).
+
+A step's forward pass already computes the hidden state of every prompt position it prefills.
+For the requests that asked, this module takes those rows' logits in slices of at most
+`max_rows` rows (the batch the sampler itself takes, so no more memory than a decode step's
+sampling). Per row it computes the log-softmax, the logprob and rank of the prompt token that
+follows, and the top k. All of that stays on the device; one device->host copy follows,
+behind an event. The row at position p scores prompt token p + 1. The prompt's last position
+scores nothing here: it samples the first output token (the sampler's job).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from server.engine.host_copy import device_tensor
+from server.engine.outputs import TokenLogprobs
+from server.engine.request import Request
+from server.engine.sampler import logprob_fields, pack_fields, unpack_logprobs
+from server.engine.scheduler import ScheduledRequest
+
+
+class PromptRows(NamedTuple):
+    """Rows [first_row, first_row + count) of a step's packed batch hold the request's prompt
+    positions first_position, first_position + 1, ...: each scores the prompt token after it."""
+
+    request: Request
+    first_row: int
+    first_position: int
+    count: int
+
+
+def prompt_rows(scheduled: Sequence[ScheduledRequest], starts: Sequence[int]) -> list[PromptRows]:
+    """The rows of this step that score prompt tokens. `starts[i]` is the first packed row
+    of `scheduled[i]`."""
+    jobs = []
+    for i, (req, n) in enumerate(scheduled):
+        if req.prompt_logprobs is None:
+            continue
+        first = req.num_computed_tokens
+        end = min(first + n, req.num_prompt_tokens - 1)
+        if end > first:
+            jobs.append(PromptRows(req, starts[i], first, end - first))
+    return jobs
+
+
+class PendingPromptLogprobs:
+    """Prompt logprobs computed on the device, not yet on the host."""
+
+    def __init__(self, jobs: list[PromptRows], flat: torch.Tensor, targets: list[int], k_max: int) -> None:
+        self._jobs = jobs
+        self._targets = targets
+        self._k_max = k_max
+        self._ready: torch.cuda.Event | None = None
+        if flat.is_cuda:
+            self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self._host.copy_(flat, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = flat
+
+    def result(self) -> dict[str, tuple[int, list[TokenLogprobs]]]:
+        """request id -> (index of the first prompt token scored, its logprobs and the next
+        ones'); waits for the device."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        ks = [j.request.sampling_params.prompt_logprobs or 0 for j in self._jobs for _ in range(j.count)]
+        lps = unpack_logprobs(self._host.tolist(), self._targets, [min(k, self._k_max) for k in ks],
+                              self._k_max)  # fmt: skip
+        out, at = {}, 0
+        for j in self._jobs:
+            out[j.request.request_id] = (j.first_position + 1, lps[at : at + j.count])
+            at += j.count
+        return out
+
+
+def launch_prompt_logprobs(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    jobs: list[PromptRows],
+    device: torch.device,
+    max_rows: int,
+) -> PendingPromptLogprobs:
+    """Queue the logprobs of `jobs`' rows. `logits_of(rows)` -> float logits [len(rows), V] of
+    those packed rows (the lm_head over their hidden states)."""
+    rows: list[int] = []
+    targets: list[int] = []
+    for j in jobs:
+        rows.extend(range(j.first_row, j.first_row + j.count))
+        prompt = j.request.prompt_token_ids
+        targets.extend(prompt[j.first_position + 1 : j.first_position + 1 + j.count])
+    rows_t = device_tensor(rows, torch.int64, device)
+    targets_t = device_tensor(targets, torch.int64, device)
+    k_max = max(j.request.sampling_params.prompt_logprobs or 0 for j in jobs)
+    slices = []
+    for at in range(0, len(rows), max(max_rows, 1)):
+        logits = logits_of(rows_t[at : at + max_rows])
+        k = min(k_max, logits.shape[1])
+        slices.append(logprob_fields(logits, targets_t[at : at + max_rows], k))
+    return PendingPromptLogprobs(jobs, pack_fields(slices), targets, min(k_max, logits.shape[1]))
