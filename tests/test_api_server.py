@@ -302,6 +302,19 @@ def test_echo_logprobs_score_the_prompt(http, offline):
     assert first["logprobs"]["token_logprobs"] == lp["token_logprobs"][: len(ids)]
     assert "".join(e["choices"][0]["text"] for e in events) == choice["text"]
 
+    # OpenAI's legacy scoring idiom: echo with max_tokens 0 returns the scored prompt only
+    body.update(stream=False, max_tokens=0, logprobs=0)
+    scored = http.post("/v1/completions", json=body).json()
+    only = scored["choices"][0]
+    assert only["text"] == offline.tokenizer.decode(ids, skip_special_tokens=False)
+    assert only["logprobs"]["token_logprobs"] == lp["token_logprobs"][: len(ids)]
+    assert only["finish_reason"] == "length" and scored["usage"]["completion_tokens"] == 0
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events) == only["text"]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}).status_code == 400
+
     # chat: vLLM puts the one prompt's scores at the top of the response
     chat = http.post("/v1/chat/completions", json={
         "model": MODEL, "messages": CHAT, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0,

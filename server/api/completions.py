@@ -36,7 +36,7 @@ def build_generation(
         max_len = ctx.max_model_len
         params = [
             req.sampling_params(
-                resolve_max_tokens(req.max_tokens, len(p.token_ids), max_len),
+                resolve_max_tokens(1 if req.scores_only else req.max_tokens, len(p.token_ids), max_len),
                 req.logprobs,
                 ctx.vocab_size,
                 req.engine_prompt_logprobs(),
@@ -70,7 +70,11 @@ async def create_completion(
     except GenerationError as exc:
         raise APIError(exc.status, exc.message) from None
     return json_response(
-        {**head, "choices": [_final_choice(ctx, req, c) for c in gen.choices], "usage": gen.usage()}
+        {
+            **head,
+            "choices": [_final_choice(ctx, req, c) for c in gen.choices],
+            "usage": gen.usage(completions=not req.scores_only),
+        }
     )
 
 
@@ -89,12 +93,13 @@ def _echo_logprobs(lp: CompletionLogprobs, req: CompletionRequest, c: Choice) ->
 
 def _final_choice(ctx: ServerContext, req: CompletionRequest, c: Choice) -> dict[str, Any]:
     st = c.state
-    text = st.text
+    text = "" if req.scores_only else st.text
     logprobs = None
     if req.logprobs is not None:
         lp = CompletionLogprobs(ctx.token_text)
         parts = [_echo_logprobs(lp, req, c)] if req.echo else []
-        parts.append(lp.generated(st.logprobs[: len(st.token_ids)]))
+        if not req.scores_only:
+            parts.append(lp.generated(st.logprobs[: len(st.token_ids)]))
         logprobs = merge_completion_logprobs(parts)
     if req.echo:
         text = _echo_text(ctx, c) + text
@@ -102,8 +107,8 @@ def _final_choice(ctx: ServerContext, req: CompletionRequest, c: Choice) -> dict
         "index": c.index,
         "text": text,
         "logprobs": logprobs,
-        "finish_reason": st.finish_reason,
-        "stop_reason": st.stop_reason,
+        "finish_reason": "length" if req.scores_only else st.finish_reason,
+        "stop_reason": None if req.scores_only else st.stop_reason,
     }
     if req.prompt_logprobs is not None:
         choice["prompt_logprobs"] = vllm_prompt_logprobs(ctx.token_text, st.prompt_logprobs, req.prompt_logprobs)
@@ -142,13 +147,16 @@ async def _stream(
                     echo_due.discard(c.index)
                     echo_lp = _echo_logprobs(lps[c.index], req, c)
                     out.append(chunk(c.index, _echo_text(ctx, c), echo_lp, None, None))
+                if req.scores_only:  # the one sampled token is not part of the answer
+                    done = "length" if d.finish_reason is not None else None
+                    d = d._replace(text="", token_ids=[], logprobs=None, finish_reason=done, stop_reason=None)
                 logprobs = lps[c.index].generated(d.logprobs or []) if want_logprobs else None
                 if d.text or d.finish_reason is not None or (want_logprobs and d.token_ids):
                     out.append(chunk(c.index, d.text, logprobs, d.finish_reason, d.stop_reason))
             if out:
                 yield b"".join(out)
         if req.include_usage():
-            yield sse_event({**head, "choices": [], "usage": gen.usage()})
+            yield sse_event({**head, "choices": [], "usage": gen.usage(completions=not req.scores_only)})
     except GenerationError as exc:
         yield sse_event(error_body(exc.status, exc.message))
     yield DONE

@@ -199,9 +199,11 @@ class Generation:
 
     # ------------------------------------------------------------------ results
 
-    def usage(self) -> dict[str, Any]:
+    def usage(self, completions: bool = True) -> dict[str, Any]:
+        """The usage object; `completions=False` when the generated tokens are not returned
+        (echo with max_tokens 0)."""
         prompt = sum(len(p.token_ids) for p in self.prompts)
-        completion = sum(len(c.state.token_ids) for c in self.choices)
+        completion = sum(len(c.state.token_ids) for c in self.choices) if completions else 0
         cached = sum(c.state.num_cached_tokens for c in self.choices if c.index % self.n == 0)
         return {
             "prompt_tokens": prompt,

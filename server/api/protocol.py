@@ -119,6 +119,14 @@ class CompletionRequest(_SamplingFields):
         super().check()
         if self.suffix:
             raise ValueError("suffix is not supported.")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1 (0 only with echo: scores the prompt).")
+
+    @property
+    def scores_only(self) -> bool:
+        """echo with max_tokens 0 (OpenAI's legacy way to score a prompt): the prompt and its
+        logprobs come back, no completion (the engine samples one token; it is dropped)."""
+        return self.echo and self.max_tokens == 0
 
     def engine_prompt_logprobs(self) -> int | None:
         """The prompt logprobs the engine must compute: `prompt_logprobs`, and with `echo` +
