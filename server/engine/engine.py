@@ -20,6 +20,7 @@ from server.engine.gpu_memory import profile_kv_cache_bytes
 from server.engine.model_runner import ModelRunner, PendingStep
 from server.engine.outputs import EngineStats, RequestOutput
 from server.engine.piecewise_graphs import PiecewiseGraphRunner
+from server.engine.prompt_logprobs import logit_slice_rows
 from server.engine.request import Request
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import SamplingParams
@@ -153,7 +154,9 @@ class EngineCore:
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # see `step`
         self.runner = ModelRunner(self.model, self.attn, self.kv, Sampler(seed=config.seed),
                                   self.device, cuda_graphs=graphs, piecewise=piecewise,
-                                  max_logit_rows=config.max_num_seqs)
+                                  max_logit_rows=logit_slice_rows(
+                                      config.max_num_seqs, config.max_num_batched_tokens,
+                                      cfg.intermediate_size, cfg.vocab_size))
         log.info("engine ready: %s, %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d",
                  self.device, self.dtype, num_blocks, config.block_size,
                  num_blocks * self.kv_spec.bytes_per_block / 2**20, max_len)

@@ -4,11 +4,11 @@ given the tokens before it. These are the teacher-forced scores an evaluation ha
 
 A step's forward pass already computes the hidden state of every prompt position it prefills.
 For the requests that asked, this module takes those rows' logits in slices of at most
-`max_rows` rows (the batch the sampler itself takes, so no more memory than a decode step's
-sampling). Per row it computes the log-softmax, the logprob and rank of the prompt token that
-follows, and the top k. All of that stays on the device; one device->host copy follows,
-behind an event. The row at position p scores prompt token p + 1. The prompt's last position
-scores nothing here: it samples the first output token (the sampler's job).
+`max_rows` rows (`logit_slice_rows`: what fits in the memory the step's own activations took).
+Per row it computes the log-softmax, the logprob and rank of the prompt token that follows, and
+the top k. All of that stays on the device; one device->host copy follows, behind an event.
+The row at position p scores prompt token p + 1. The prompt's last position scores nothing
+here: it samples the first output token (the sampler's job).
 """
 
 from __future__ import annotations
@@ -23,6 +23,21 @@ from server.engine.outputs import TokenLogprobs
 from server.engine.request import Request
 from server.engine.sampler import logprob_fields, pack_fields, unpack_logprobs
 from server.engine.scheduler import ScheduledRequest
+
+# Bytes a row of logits takes while it is scored, per vocabulary entry: the lm_head's output
+# in the model dtype (<= 2), its float32 copy, the float32 log-softmax, the rank's comparison.
+_LOGIT_ROW_BYTES_PER_ENTRY = 2 + 4 + 4 + 1
+
+
+def logit_slice_rows(max_num_seqs: int, max_num_batched_tokens: int, intermediate_size: int,
+                     vocab_size: int) -> int:  # fmt: skip
+    """Rows of logits scored at a time. The KV cache was sized after a full step's peak: its
+    MLP alone held >= 3 x intermediate_size values (gate|up out, SiLU·mul out) a token in the
+    model dtype, and the sampler's max_num_seqs rows of logits. A slice of that size fits in
+    the same memory. A larger slice re-reads the lm_head weight fewer times: at 64 rows the
+    lm_head's GEMM is bound by that read (1 GB on Llama-3-8B), at a few hundred by its FLOPs."""
+    mlp_bytes = max_num_batched_tokens * 3 * intermediate_size * 2
+    return max(max_num_seqs, 1, mlp_bytes // (_LOGIT_ROW_BYTES_PER_ENTRY * vocab_size))
 
 
 class PromptRows(NamedTuple):
