@@ -4,7 +4,8 @@ ask for), side by side in one run:
   pdserve plain:   the engine prefills the prompts and samples one token each (max_tokens=1):
                    what the same prompts cost without scoring;
   pdserve scored:  the same, with `prompt_logprobs=k`: every prompt position's lm_head row,
-                   log-softmax, the next prompt token's logprob and rank, the top k;
+                   log-softmax, the next prompt token's logprob and rank, the top k; with the
+                   engine's slices of logits and with slices of max_num_seqs rows;
   HF forward:      transformers' `LlamaForCausalLM` (same shapes, random bf16 weights, sdpa)
                    scoring the same prompts the way one scores with it: a batched forward
                    (its logits for every position), float32 log-softmax, the next token's
@@ -108,17 +109,25 @@ def run_engine(a: argparse.Namespace) -> tuple[dict[str, list[float]], float, in
               gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_memory=a.kv_cache_memory,
               progress=False)  # fmt: skip
     build_s = time.perf_counter() - t0
+    runner = llm.engine.runner
+    slice_rows = runner.max_logit_rows
+    scored = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=a.k)
+    # name -> (params, rows of logits scored at a time)
     variants = {
-        "plain": SamplingParams(max_tokens=1, temperature=0.0),
-        "scored": SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=a.k),
+        "plain": (SamplingParams(max_tokens=1, temperature=0.0), slice_rows),
+        "scored": (scored, slice_rows),
+        "scored, small slices": (scored, a.max_num_seqs),
     }
+    if slice_rows == a.max_num_seqs:
+        del variants["scored, small slices"]
     warm = token_prompts(min(4, a.num_prompts), a.input_len, a.seed + 1000)
-    for p in variants.values():
-        llm.generate(warm, p)
+    for params, _ in variants.values():
+        llm.generate(warm, params)
     rounds: dict[str, list[float]] = {name: [] for name in variants}
     seed = a.seed + 1
     for _ in range(a.rounds):
-        for name, params in variants.items():
+        for name, (params, rows) in variants.items():
+            runner.max_logit_rows = rows
             prompts = token_prompts(a.num_prompts, a.input_len, seed)
             seed += 1
             if torch.cuda.is_available():
@@ -126,11 +135,11 @@ def run_engine(a: argparse.Namespace) -> tuple[dict[str, list[float]], float, in
             t = time.perf_counter()
             out = llm.generate(prompts, params)
             seconds = time.perf_counter() - t
-            if name == "scored":
+            if params.prompt_logprobs is not None:
                 assert all(len(r.prompt_logprobs) == a.input_len for r in out)
             rounds[name].append(a.num_prompts * a.input_len / seconds)
     llm.engine.check_integrity()
-    return rounds, build_s, llm.engine.runner.max_logit_rows
+    return rounds, build_s, slice_rows
 
 
 def run_hf(a: argparse.Namespace) -> dict:
@@ -177,6 +186,11 @@ def main(argv: list[str]) -> int:
         [f"pdserve, prompt_logprobs={a.k}", " / ".join(f"{x:.0f}" for x in rounds["scored"]),
          f"{best['scored']:.0f}", f"{best['scored'] / best['plain']:.2f}x"],
     ]  # fmt: skip
+    if "scored, small slices" in rounds:
+        small = rounds["scored, small slices"]
+        rows.append([f"pdserve, prompt_logprobs={a.k}, {a.max_num_seqs}-row slices",
+                     " / ".join(f"{x:.0f}" for x in small), f"{max(small):.0f}",
+                     f"{max(small) / best['plain']:.2f}x"])  # fmt: skip
     if hf is not None:
         rows.append([f"HF forward + log_softmax (transformers {hf['transformers']}, {hf['attn']}, "
                      f"batches of {a.hf_batch})", "1 round", f"{hf['throughput']:.0f}",
