@@ -207,15 +207,15 @@ def drive(base_url: str, a: argparse.Namespace, output_len: int, seed: int) -> d
 # -- HF transformers ---------------------------------------------------------------------------
 
 
-def hf_main(spec_json: str) -> int:
+def hf_random_model(model: str, device, dtype):
+    """transformers' `LlamaForCausalLM` with the shapes of the `random:` preset `model`, its
+    own init (weights drawn N(0, INIT_STD) on `device` in `dtype`), in eval mode."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from server.models.presets import INIT_STD, preset_config
 
-    spec = json.loads(spec_json)
-    pc = preset_config(spec["model"])
-    dev = torch.device(spec["device"])
+    pc = preset_config(model)
     cfg = LlamaConfig(
         vocab_size=pc.vocab_size, hidden_size=pc.hidden_size,
         intermediate_size=pc.intermediate_size, num_hidden_layers=pc.num_layers,
@@ -225,13 +225,21 @@ def hf_main(spec_json: str) -> int:
         tie_word_embeddings=pc.tie_word_embeddings, attention_bias=pc.attention_bias,
         initializer_range=INIT_STD, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
-    t0 = time.perf_counter()
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with dev:
-        model = LlamaForCausalLM(cfg)  # HF's own init, drawn on the device in bf16
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        hf = LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
-    model.eval()
+    return hf.eval()
+
+
+def hf_main(spec_json: str) -> int:
+    import torch
+
+    spec = json.loads(spec_json)
+    dev = torch.device(spec["device"])
+    t0 = time.perf_counter()
+    model = hf_random_model(spec["model"], dev, torch.bfloat16)
     build_s = time.perf_counter() - t0
     prompts = token_prompts(spec["num_prompts"], spec["input_len"], spec["seed"])
     batch = prompts[: spec["batch"]]

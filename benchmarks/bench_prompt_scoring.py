@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_gpu_server import token_prompts  # noqa: E402
+from benchmarks.bench_gpu_server import hf_random_model, token_prompts  # noqa: E402
 from benchmarks.common import table, write_result  # noqa: E402
 
 HF_TAG = "HF_SCORING "
@@ -41,29 +41,11 @@ HF_TAG = "HF_SCORING "
 
 def hf_main(spec_json: str) -> int:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from server.models.presets import INIT_STD, preset_config
 
     spec = json.loads(spec_json)
-    pc = preset_config(spec["model"])
     dev = torch.device(spec["device"])
-    cfg = LlamaConfig(
-        vocab_size=pc.vocab_size, hidden_size=pc.hidden_size,
-        intermediate_size=pc.intermediate_size, num_hidden_layers=pc.num_layers,
-        num_attention_heads=pc.num_heads, num_key_value_heads=pc.num_kv_heads,
-        head_dim=pc.head_dim, rms_norm_eps=pc.rms_norm_eps, rope_theta=pc.rope_theta,
-        rope_scaling=pc.rope_scaling, max_position_embeddings=pc.max_position_embeddings,
-        tie_word_embeddings=pc.tie_word_embeddings, attention_bias=pc.attention_bias,
-        initializer_range=INIT_STD, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
     dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else torch.float32
-    torch.set_default_dtype(dtype)
-    with dev:
-        model = LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    model.eval()
+    model = hf_random_model(spec["model"], dev, dtype)
     prompts = token_prompts(spec["num_prompts"], spec["input_len"], spec["seed"])
     k, b = spec["k"], spec["hf_batch"]
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from server.engine.host_copy import device_tensor
+from server.engine.host_copy import HostCopy, device_tensor
 from server.engine.outputs import TokenLogprobs
 from server.engine.request import Request
 from server.engine.sampler import logprob_fields, pack_fields, unpack_logprobs
@@ -71,22 +71,14 @@ class PendingPromptLogprobs:
         self._jobs = jobs
         self._targets = targets
         self._k_max = k_max
-        self._ready: torch.cuda.Event | None = None
-        if flat.is_cuda:
-            self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            self._host.copy_(flat, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = flat
+        self._host = HostCopy(flat)
 
     def result(self) -> dict[str, tuple[int, list[TokenLogprobs]]]:
         """request id -> (index of the first prompt token scored, its logprobs and the next
         ones'); waits for the device."""
-        if self._ready is not None:
-            self._ready.synchronize()
+        flat = self._host.get().tolist()
         ks = [j.request.sampling_params.prompt_logprobs or 0 for j in self._jobs for _ in range(j.count)]
-        lps = unpack_logprobs(self._host.tolist(), self._targets, [min(k, self._k_max) for k in ks],
+        lps = unpack_logprobs(flat, self._targets, [min(k, self._k_max) for k in ks],
                               self._k_max)  # fmt: skip
         out, at = {}, 0
         for j in self._jobs:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from kernels import ops
-from server.engine.host_copy import device_tensor, to_device
+from server.engine.host_copy import HostCopy, device_tensor, to_device
 from server.engine.outputs import TokenLogprobs
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
@@ -81,25 +81,17 @@ class PendingSample:
     def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         self.token_ids = tokens  # [N] int64 on the logits' device
         self._rows = rows
-        self._ready: torch.cuda.Event | None = None
         if not rows:
             return
         payload, self._layout = _payload(logits, tokens, rows)
-        if payload.is_cuda:
-            self._host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
-            self._host.copy_(payload, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = payload
+        self._host = HostCopy(payload)
 
     def result(self) -> SamplerOutput:
         """Token ids (and logprobs) on the host; waits for the device."""
         if not self._rows:
             return SamplerOutput([], [])
-        if self._ready is not None:
-            self._ready.synchronize()  # SYNC: the step's one wait for the device
-        return _parse(self._host.tolist(), self._rows, self._layout)
+        # SYNC: the step's one wait for the device
+        return _parse(self._host.get().tolist(), self._rows, self._layout)
 
 
 class Sampler:
