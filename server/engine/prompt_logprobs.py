@@ -76,7 +76,7 @@ class PendingPromptLogprobs:
     def result(self) -> dict[str, tuple[int, list[TokenLogprobs]]]:
         """request id -> (index of the first prompt token scored, its logprobs and the next
         ones'); waits for the device."""
-        flat = self._host.get().tolist()
+        flat = self._host.get()
         ks = [j.request.sampling_params.prompt_logprobs or 0 for j in self._jobs for _ in range(j.count)]
         lps = unpack_logprobs(flat, self._targets, [min(k, self._k_max) for k in ks],
                               self._k_max)  # fmt: skip
