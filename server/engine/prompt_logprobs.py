@@ -77,9 +77,9 @@ class PendingPromptLogprobs:
         """request id -> (index of the first prompt token scored, its logprobs and the next
         ones'); waits for the device."""
         flat = self._host.get()
-        ks = [j.request.sampling_params.prompt_logprobs or 0 for j in self._jobs for _ in range(j.count)]
-        lps = unpack_logprobs(flat, self._targets, [min(k, self._k_max) for k in ks],
-                              self._k_max)  # fmt: skip
+        ks = [min(j.request.sampling_params.prompt_logprobs or 0, self._k_max)
+              for j in self._jobs for _ in range(j.count)]  # fmt: skip
+        lps = unpack_logprobs(flat, self._targets, ks, self._k_max)
         out, at = {}, 0
         for j in self._jobs:
             out[j.request.request_id] = (j.first_position + 1, lps[at : at + j.count])
@@ -104,9 +104,9 @@ def launch_prompt_logprobs(
     rows_t = device_tensor(rows, torch.int64, device)
     targets_t = device_tensor(targets, torch.int64, device)
     k_max = max(j.request.sampling_params.prompt_logprobs or 0 for j in jobs)
-    slices = []
+    slices, k = [], 0
     for at in range(0, len(rows), max(max_rows, 1)):
         logits = logits_of(rows_t[at : at + max_rows])
-        k = min(k_max, logits.shape[1])
+        k = min(k_max, logits.shape[1])  # capped at the vocabulary, as the sampler's
         slices.append(logprob_fields(logits, targets_t[at : at + max_rows], k))
-    return PendingPromptLogprobs(jobs, pack_fields(slices), targets, min(k_max, logits.shape[1]))
+    return PendingPromptLogprobs(jobs, pack_fields(slices), targets, k)
