@@ -324,11 +324,43 @@ def test_echo_logprobs_score_the_prompt(http, offline):
     assert all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
 
 
-def test_tokenize_detokenize(http):
+def test_lm_eval_harness_client(server, offline, monkeypatch):
+    """lm-eval's own `local-completions` client, when it is installed (it is not in the test
+    extra: its dependencies are large; `pip install "lm-eval[api]"` runs this). It finds the
+    server's tokenizer through /tokenizer_info, scores continuations with echo + logprobs, and
+    generates until a stop string."""
+    pytest.importorskip("tenacity")
+    oc = pytest.importorskip("lm_eval.models.openai_completions")
+    from lm_eval.api.instance import Instance
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # its completion requests' key
+    lm = oc.LocalCompletionsAPI(base_url=server.base_url + "/v1/completions", model=MODEL,
+                                tokenizer_backend="auto", auth_token=KEY, num_concurrent=1,
+                                max_retries=1)  # fmt: skip
+    assert lm.tokenizer_backend == "remote"
+    pairs = [("The capital of France is", " Paris"), ("The capital of France is", " Berlin")]
+    (paris, greedy), (berlin, _) = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    ids = offline.encode(pairs[0][0] + pairs[0][1])
+    ref = offline.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))[0]
+    n_ctx = len(offline.encode(pairs[0][0]))
+    assert abs(paris - sum(lp.logprob for lp in ref.prompt_logprobs[n_ctx:])) < 1e-3
+    assert greedy and paris > berlin
+    (text,) = lm.generate_until([Instance("generate_until", {}, (pairs[0][0], {"until": ["."], "max_gen_toks": 16}), 0)])
+    assert text == offline.generate([pairs[0][0]], SamplingParams(max_tokens=16, temperature=0, stop=["."]))[0].text
+
+
+def test_tokenize_detokenize(http, offline):
     ids = http.post("/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
     assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello world"
     chat = http.post("/tokenize", json={"messages": CHAT}).json()
     assert chat["count"] == len(chat["tokens"]) > 5
+    # what lm-eval's remote tokenizer reads before it tokenizes through the two routes above
+    info = http.get("/tokenizer_info").json()
+    eos = http.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()
+    assert len(eos["tokens"]) == 1 and eos["tokens"][0] in offline.tokenizer.eos_token_ids
+    assert info["chat_template"] == offline.tokenizer.chat_template and "{%" in info["chat_template"]
+    assert info["model_max_length"] == MAX_MODEL_LEN
+    assert httpx.get(http.base_url.join("/tokenizer_info")).status_code == 401  # no key
 
 
 # ---------------------------------------------------------------- SSE framing

@@ -106,6 +106,19 @@ def create_app(ctx: ServerContext, lifespan: Lifespan | None = None) -> FastAPI:
             raise APIError(400, str(exc)) from None
         return json_response({"tokens": ids, "count": len(ids), "max_model_len": ctx.max_model_len})
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> Response:
+        """vLLM's tokenizer description. Evaluation harnesses (lm-eval's remote tokenizer)
+        read it, then tokenize through /tokenize and /detokenize: the served model's own
+        tokenizer, no copy of it on the client."""
+        tok = ctx.tokenizer
+        return json_response({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.eos_token,
+            "add_bos_token": tok.add_bos_token, "chat_template": tok.chat_template,
+            "model_max_length": ctx.max_model_len, "vocab_size": tok.vocab_size,
+        })  # fmt: skip
+
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Response:
         ctx.check_model(body.model)

@@ -62,7 +62,7 @@ class APIKeyMiddleware:
         self,
         app: ASGIApp,
         api_key: str,
-        protected_prefixes: tuple[str, ...] = ("/v1", "/tokenize", "/detokenize"),
+        protected_prefixes: tuple[str, ...] = ("/v1", "/tokenize", "/tokenizer_info", "/detokenize"),
     ) -> None:
         self.app = app
         self._key = api_key.encode()
