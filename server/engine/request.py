@@ -60,8 +60,6 @@ class Request:
         self.stop_reason: int | str | None = None
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
-        # Per-request generator: seeded requests draw their own noise, so their output does not
-        # depend on which other requests share the batch.
         # Disaggregation. Decode side: the prompt's KV comes from a prefill worker before
         # `remote_deadline` (time.monotonic()); until then the request holds reserved blocks and
         # is not scheduled. Prefill side: `keep_kv_on_finish` keeps the blocks after the first
@@ -72,15 +70,17 @@ class Request:
         # (lease + grace): its blocks are not returned to the pool before then.
         self.quarantine_until = 0.0
         self.remote_retried = False  # a second prefill worker was asked (see Scheduler.remote_retry)
+        # Per-request generator: seeded requests draw their own noise, so their output does not
+        # depend on which other requests share the batch.
         self.generator: torch.Generator | None = None
+        if sampling_params.seed is not None:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(sampling_params.seed)
         # SamplingParams.prompt_logprobs: filled position by position as the prompt is computed
         # (recomputed after a preemption), handed out with the first token, then None.
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None
         if sampling_params.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * len(self.prompt_token_ids)
-        if sampling_params.seed is not None:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(sampling_params.seed)
 
     @property
     def num_prompt_tokens(self) -> int:
