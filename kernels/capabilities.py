@@ -26,9 +26,12 @@ import torch
 log = logging.getLogger(__name__)
 
 ATTENTION_CHAIN = ("flashinfer", "triton", "torch")
-# Defaults of `triton_decode_batches` (benchmarks/results/2026-12-06-decode-attention*.md).
-TRITON_DECODE_BATCHES = "33-64"
-TRITON_DECODE_TILE = "32,4,2"
+# Defaults of `triton_decode_batches` (benchmarks/results/2026-12-06-decode-attention*.md):
+# the batch sizes where the Triton paged kernel may replace FlashInfer's decode, and its tiles,
+# timed against FlashInfer at engine start (`tune_decode_attention`); the first tile is the one
+# used where nothing was timed.
+TRITON_DECODE_BATCHES = "33-128"
+TRITON_DECODE_TILES = ((32, 4, 2), (64, 4, 3))
 MIN_CAPABILITY = {"flashinfer": (8, 0), "triton": (7, 5)}
 ENV_ATTENTION_BACKEND = "PDSERVE_ATTENTION_BACKEND"
 
@@ -130,14 +133,37 @@ def split_kv_decode_max_batch() -> int:
 
 def triton_decode_batches() -> tuple[int, int, tuple[int, int, int]]:
     """(min, max, tile): pure-decode batches of min..max sequences that the FlashInfer backend
-    attends with the Triton paged kernel (rope_store first) and its (BLOCK_N, warps, stages)
-    decode tile instead of FlashInfer's decode. Env PDSERVE_TRITON_DECODE_BATCHES="min-max"
-    ("0-0" = never), PDSERVE_TRITON_DECODE_TILE="BLOCK_N,warps,stages"."""
+    may attend with the Triton paged kernel (rope_store first) and its (BLOCK_N, warps, stages)
+    decode tile instead of FlashInfer's decode: all of them with `tile` unless
+    `tune_decode_attention` timed them. Env PDSERVE_TRITON_DECODE_BATCHES="min-max"
+    ("0-0" = never), PDSERVE_TRITON_DECODE_TILE="BLOCK_N,warps,stages" (one fixed tile for the
+    whole range, nothing timed)."""
     lo, _, hi = os.environ.get("PDSERVE_TRITON_DECODE_BATCHES", TRITON_DECODE_BATCHES).partition("-")
-    tile = tuple(int(v) for v in os.environ.get("PDSERVE_TRITON_DECODE_TILE", TRITON_DECODE_TILE).split(","))
+    fixed = os.environ.get("PDSERVE_TRITON_DECODE_TILE")
+    tile = TRITON_DECODE_TILES[0] if fixed is None else tuple(int(v) for v in fixed.split(","))
     if len(tile) != 3:
         raise ValueError(f"PDSERVE_TRITON_DECODE_TILE takes BLOCK_N,warps,stages, got {tile}")
     return int(lo), int(hi or lo), tile
+
+
+def triton_decode_tuned() -> bool:
+    """Whether the engine times FlashInfer's decode against the Triton tiles per batch size at
+    start-up: yes unless PDSERVE_TRITON_DECODE_TILE fixes the tile."""
+    return "PDSERVE_TRITON_DECODE_TILE" not in os.environ
+
+
+def tune_decode_attention(attn, sizes: list[int], max_context: int) -> None:
+    """Let the attention backend time its decode kernels for the CUDA-graph batch sizes
+    `sizes` (`AttentionBackend.tune_decode`) unless the tile is fixed; logs what was picked."""
+    if not triton_decode_tuned():
+        return
+    t0 = time.perf_counter()
+    lines = attn.tune_decode(sizes, max_context, list(TRITON_DECODE_TILES))
+    for line in lines:
+        log.info("%s", line)
+    if lines:
+        torch.cuda.empty_cache()  # the timing buffers: the KV cache was sized before this ran
+        log.info("decode attention timed in %.1f s", time.perf_counter() - t0)
 
 
 def pdl_choice(device: torch.device) -> Choice:

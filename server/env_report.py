@@ -11,6 +11,7 @@ import subprocess
 import torch
 
 from kernels.capabilities import (
+    TRITON_DECODE_TILES,
     choose_attention_backend,
     fused_gemv_enabled,
     module_version,
@@ -18,6 +19,7 @@ from kernels.capabilities import (
     skinny_gemm_enabled,
     split_kv_decode_max_batch,
     triton_decode_batches,
+    triton_decode_tuned,
     triton_ops_usable,
 )
 
@@ -64,8 +66,14 @@ def report() -> list[tuple[str, str]]:
                          else "backend kernels (PDSERVE_SPLIT_KV_DECODE_MAX_BATCH=0)"))
         if attn.name == "flashinfer":
             lo, hi, tile = triton_decode_batches()
-            rows.append((f"{dev} decode attention", f"Triton paged kernel, tile {tile}, for batches {lo}-{hi}; "
-                         "FlashInfer otherwise" if hi >= max(lo, 1) else "FlashInfer (PDSERVE_TRITON_DECODE_BATCHES)"))
+            if hi < max(lo, 1):
+                what = "FlashInfer (PDSERVE_TRITON_DECODE_BATCHES)"
+            elif triton_decode_tuned():
+                what = (f"FlashInfer or the Triton paged kernel (tiles {', '.join(map(str, TRITON_DECODE_TILES))}) "
+                        f"for batches {lo}-{hi}, timed per batch size at engine start; FlashInfer otherwise")
+            else:
+                what = f"Triton paged kernel, tile {tile}, for batches {lo}-{hi}; FlashInfer otherwise"
+            rows.append((f"{dev} decode attention", what))
         if ops.name == "triton":
             rows.append((f"{dev} batch-1 GEMV", "fused Triton GEMVs" if fused_gemv_enabled()
                          else "cuBLAS + norm/SiLU kernels (PDSERVE_FUSED_GEMV=0)"))

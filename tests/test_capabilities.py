@@ -162,16 +162,19 @@ def test_pdl_choice_follows_capability_and_env(monkeypatch):
 
 def test_triton_decode_batches_setting(monkeypatch):
     """PDSERVE_TRITON_DECODE_BATCHES="min-max" and PDSERVE_TRITON_DECODE_TILE="n,warps,stages"
-    parse into (min, max, tile); the defaults come from the module; a bad tile says so."""
+    parse into (min, max, tile); the defaults come from the module (the first candidate tile,
+    timed at start-up); a fixed tile turns the timing off; a bad tile says so."""
     from kernels import capabilities as c
 
     monkeypatch.delenv("PDSERVE_TRITON_DECODE_BATCHES", raising=False)
     monkeypatch.delenv("PDSERVE_TRITON_DECODE_TILE", raising=False)
     lo, hi = (int(v) for v in c.TRITON_DECODE_BATCHES.split("-"))
-    assert c.triton_decode_batches() == (lo, hi, tuple(int(v) for v in c.TRITON_DECODE_TILE.split(",")))
+    assert c.triton_decode_batches() == (lo, hi, c.TRITON_DECODE_TILES[0])
+    assert c.triton_decode_tuned()
     monkeypatch.setenv("PDSERVE_TRITON_DECODE_BATCHES", "16-128")
     monkeypatch.setenv("PDSERVE_TRITON_DECODE_TILE", "128,8,3")
     assert c.triton_decode_batches() == (16, 128, (128, 8, 3))
+    assert not c.triton_decode_tuned()  # a fixed tile: nothing is timed
     monkeypatch.setenv("PDSERVE_TRITON_DECODE_BATCHES", "0-0")
     assert c.triton_decode_batches()[:2] == (0, 0)
     monkeypatch.setenv("PDSERVE_TRITON_DECODE_TILE", "64,4")
@@ -186,3 +189,20 @@ def test_skinny_gemm_setting(monkeypatch):
     assert skinny_gemm_enabled()
     monkeypatch.setenv("PDSERVE_SKINNY_GEMM", "0")
     assert not skinny_gemm_enabled()
+
+
+def test_decode_tile_for():
+    """The per-batch rule of the FlashInfer backend's Triton decode: outside the range always
+    FlashInfer; untuned, the default tile across the range; tuned, the choice of the smallest
+    timed batch size (the CUDA graph) that holds the batch, FlashInfer above them all."""
+    from kernels.attention.decode_tune import tile_for
+
+    a, b = (32, 4, 2), (64, 4, 3)
+    assert tile_for(40, 33, 128, a, None) == a
+    assert tile_for(32, 33, 128, a, None) is None and tile_for(129, 33, 128, a, None) is None
+    tuned = {64: b, 128: None}
+    assert tile_for(33, 33, 128, a, tuned) == b and tile_for(64, 33, 128, a, tuned) == b
+    assert tile_for(65, 33, 128, a, tuned) is None and tile_for(128, 33, 128, a, tuned) is None
+    assert tile_for(100, 33, 100, a, {64: a, 100: b}) == b  # max_num_seqs 100: the last graph
+    assert tile_for(120, 33, 128, a, {64: a, 100: b}) is None  # no graph holds it
+    assert tile_for(40, 0, 0, a, tuned) is None  # "0-0": never, tuned or not

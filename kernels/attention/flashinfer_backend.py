@@ -16,10 +16,12 @@ Prefill uses FlashInfer's "fa2" kernels by default, the same JIT module as tenso
 
 Small pure-decode batches (up to `split_kv_decode_max_batch` sequences) skip all of the above in
 `forward_rope`: one fused Triton kernel per layer (kernels/attention/split_kv_decode.py).
-Pure-decode batches in the `triton_decode_batches` range (sizes where the Triton paged kernel
-beat FlashInfer's decode, see `kernels.capabilities.triton_decode_batches`) run rope_store and
-that kernel (kernels/triton/paged_attention.py) with its decode tile. For both, FlashInfer's
-plan is deferred until something asks for FlashInfer and otherwise never made.
+Pure-decode batches in the `triton_decode_batches` range run rope_store and the Triton paged
+kernel (kernels/triton/paged_attention.py) with a decode tile instead: every batch in the range
+with one tile, or, once `tune_decode` has timed both kernels per CUDA-graph batch size at
+engine start (kernels/attention/decode_tune.py), the batch sizes where the Triton kernel won,
+each with its winning tile. For both, FlashInfer's plan is deferred until something asks for
+FlashInfer and otherwise never made.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import os
 
 import torch
 
+from kernels.attention import decode_tune
 from kernels.attention.base import AttentionBackend, AttentionMetadata
+from kernels.attention.decode_tune import tile_for
 from kernels.attention.split_kv_decode import SplitKVDecode
 
 WORKSPACE_BYTES = 256 << 20
@@ -58,6 +62,8 @@ class FlashInferAttentionBackend(AttentionBackend):
 
             triton_decode_batches = _setting()
         self._triton_lo, self._triton_hi, self._triton_tile = triton_decode_batches
+        self._triton_tuned: dict[int, tuple[int, int, int] | None] | None = None  # tune_decode
+        self._tile: tuple[int, int, int] | None = None  # this batch's Triton tile, if any
         self._triton_decode = False
         # Decode runs on the tensor cores (FlashInfer's prefill kernel: one JIT module for decode
         # and prefill), except CUDA-graph batches of up to this many sequences, which use the
@@ -154,8 +160,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         kernel (which needs no plan), only when something asks for FlashInfer (`_attend`)."""
         self.metadata = m
         self._fused_decode = self._split_kv is not None and self._split_kv.applies(m)
-        self._triton_decode = (not self._fused_decode and m.num_decode_seqs == m.num_seqs == m.num_tokens
-                               and self._triton_lo <= m.num_seqs <= self._triton_hi)
+        pure_decode = not self._fused_decode and m.num_decode_seqs == m.num_seqs == m.num_tokens
+        self._tile = tile_for(m.num_seqs, self._triton_lo, self._triton_hi, self._triton_tile,
+                              self._triton_tuned) if pure_decode else None
+        self._triton_decode = self._tile is not None
         if self._fused_decode or self._triton_decode:
             self._pending_plan = make_plan
         else:
@@ -214,6 +222,13 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._decode = wrapper
         self._plan_done()
 
+    def tune_decode(self, sizes: list[int], max_context: int, tiles: list[tuple[int, int, int]]) -> list[str]:
+        """Time FlashInfer's decode against the Triton kernel with each of `tiles` at every
+        CUDA-graph batch size in `sizes` within the Triton range and route each size to its
+        winner from now on; returns one log line per size timed. Call before capturing graphs."""
+        self._triton_tuned, lines = decode_tune.tune(self, sizes, max_context, tiles)
+        return lines
+
     # -- running ----------------------------------------------------------------------------
 
     def _attend(self, q: torch.Tensor, layer_view: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -235,7 +250,7 @@ class FlashInferAttentionBackend(AttentionBackend):
     def _attend_triton(self, q: torch.Tensor, layer_view: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         m = self.metadata
         out = self._paged(q, layer_view, m.block_tables, m.seq_lens, m.query_start_loc, 1, self.scale,
-                          out=out, config=self._triton_tile)
+                          out=out, config=self._tile)
         return out.view(q.shape[0], self.num_heads * self.head_dim)
 
     def attend(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:

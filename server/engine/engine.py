@@ -11,7 +11,7 @@ import msgspec
 import torch
 
 from kernels.attention.selector import select_backend
-from kernels.capabilities import install_fused_ops, tune_decode_linears
+from kernels.capabilities import install_fused_ops, tune_decode_attention, tune_decode_linears
 from kvcache.layout import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget, parse_size
 from kvcache.manager import KVCacheManager
 from server.engine.config import EngineConfig
@@ -138,6 +138,8 @@ class EngineCore:
             ),
             self.kv,
         )
+        if on_cuda:
+            tune_decode_attention(self.attn, bucket_sizes(graph_sizes), max_len)
         graphs = None
         if use_graphs:
             tune_decode_linears(self.model, bucket_sizes(graph_sizes))
