@@ -199,6 +199,18 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._has_prefill = False
         self._plan_or_defer(m, self._plan_graph)
 
+    def graph_decode_wrapper(self, batch: int, max_pages: int):
+        """A FlashInfer decode wrapper in CUDA-graph mode (static index buffers) for `batch`
+        sequences of up to `max_pages` pages each."""
+        dev = self.kv_cache.device
+        return self._fi.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_cuda_graph=True,
+            use_tensor_cores=batch > self._cuda_core_max_batch,
+            paged_kv_indptr_buffer=torch.zeros(batch + 1, dtype=torch.int32, device=dev),
+            paged_kv_indices_buffer=torch.zeros(batch * max_pages, dtype=torch.int32, device=dev),
+            paged_kv_last_page_len_buffer=torch.zeros(batch, dtype=torch.int32, device=dev),
+        )
+
     def _plan_graph(self) -> None:
         self._pending_plan = None
         self._wait_previous_plan()
@@ -206,17 +218,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         bs = m.num_seqs
         wrapper = self._graph_decode.get(bs)
         if wrapper is None:
-            dev = self.kv_cache.device
-            wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
-                self._workspace, "NHD", use_cuda_graph=True,
-                use_tensor_cores=bs > self._cuda_core_max_batch,
-                paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
-                paged_kv_indices_buffer=torch.zeros(
-                    bs * m.block_tables.shape[1], dtype=torch.int32, device=dev
-                ),
-                paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=dev),
-            )
-            self._graph_decode[bs] = wrapper
+            wrapper = self._graph_decode[bs] = self.graph_decode_wrapper(bs, m.block_tables.shape[1])
         indptr, last, indices, _ = self._page_info(m)
         self._plan_decode(wrapper, indptr, indices, last)
         self._decode = wrapper
