@@ -255,6 +255,59 @@ def test_prompt_logprobs_teacher_forced_agree_with_hf(llm, hf, hf32, hf_eager):
     llm.engine.check_integrity()
 
 
+@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
+def test_prompt_logprobs_of_one_token_chunks_through_the_decode_graph(backend, hf):
+    """A prompt prefilled one token a step beside a decoding request (token budget 2): every
+    such step is one new token per sequence, so it replays the decode CUDA graph, and the
+    prompt's scores come from the graph's logits rows. They match HF bf16's within the
+    tolerance of the whole-prompt check above, and every step carrying the prompt was a replay."""
+    llm = LLM(EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=2, max_num_batched_tokens=2,
+                           attention_backend=backend, gpu_memory_utilization=0, kv_cache_memory="256MiB",
+                           progress=False))
+    eng = llm.engine
+    graphs, launch = eng.runner.cuda_graphs, eng.runner.launch
+    assert graphs is not None
+    replays, replay = [], graphs.replay
+    graphs.replay = lambda staged: replays.append(1) or replay(staged)
+    prompt_steps = graph_steps = 0
+
+    def counted_launch(out):
+        nonlocal prompt_steps, graph_steps
+        before = len(replays)
+        pending = launch(out)
+        if any(s.request.request_id == "p" for s in out.scheduled):
+            prompt_steps += 1
+            graph_steps += len(replays) > before
+        return pending
+
+    eng.runner.launch = counted_launch
+    p = llm.encode(TEXTS[0])
+    eng.add_request("d", llm.encode("Hello"), SamplingParams(max_tokens=4 * len(p), temperature=0.0,
+                                                             ignore_eos=True))
+    eng.step()
+    eng.add_request("p", p, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))
+    result = None
+    while result is None:
+        result = next((o for o in eng.step() if o.request_id == "p" and o.prompt_logprobs), None)
+    eng.abort(["d"])
+    while eng.has_unfinished_requests():
+        eng.step()
+    print(f"\n[{backend}] {len(p)}-token prompt: {prompt_steps} steps, {graph_steps} graph replays")
+    assert prompt_steps >= len(p) and graph_steps == prompt_steps
+    rows = hf_log_softmax(hf, p)[:-1]
+    lps = result.prompt_logprobs
+    assert len(lps) == len(p) and lps[0] is None
+    got = torch.tensor([lp.logprob for lp in lps[1:]], device=DEV)
+    diffs = (got - rows.gather(-1, torch.tensor(p[1:], device=DEV)[:, None])[:, 0]).abs()
+    ours = torch.tensor([lp.top_token_ids[0] for lp in lps[1:]], device=DEV)
+    gaps = rows.max(-1).values - rows.gather(-1, ours[:, None])[:, 0]
+    print(f"prompt logprob |diff| vs HF bf16 mean {diffs.mean():.4f} max {diffs.max():.4f}; "
+          f"top-1 agreement {(gaps == 0).sum().item()}/{len(p) - 1}")
+    assert diffs.mean() < 0.05 and diffs.max() < 0.5
+    assert gaps.max() < 0.5
+    eng.check_integrity()
+
+
 @torch.inference_mode()
 def test_chunked_prefill_logits_match_hf(llm, hf):
     """Full logits of every position: each sequence is prefilled in two chunks (the second one
