@@ -281,7 +281,7 @@ def test_prompt_logprobs_of_one_token_chunks_through_the_decode_graph(backend, h
         return pending
 
     eng.runner.launch = counted_launch
-    p = llm.encode(TEXTS[0])
+    p = llm.encode(" ".join(TEXTS))
     eng.add_request("d", llm.encode("Hello"), SamplingParams(max_tokens=4 * len(p), temperature=0.0,
                                                              ignore_eos=True))
     eng.step()
