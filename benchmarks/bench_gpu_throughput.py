@@ -111,10 +111,15 @@ def decode_ab(engine, a: argparse.Namespace, budget: int, rounds: int = 2) -> st
         return "decode A/B: needs the decode CUDA graphs and the FlashInfer backend"
     tuned = dict(skinny_plan._PLAN)
     tri = (attn._triton_lo, attn._triton_hi)
+    # The Triton range as the engine runs it: every size in it, or where start-up timing
+    # picked the Triton kernel (`kernels/attention/decode_tune.py`).
+    timed = attn._triton_tuned
+    where = (f"{tri[0]}-{tri[1]}" if timed is None
+             else ", ".join(f"{b}: {t}" for b, t in sorted(timed.items()) if t) or "nowhere")
     variants = {
         "cuBLAS, FlashInfer decode": ({}, (0, 0)),
         "skinny plan, FlashInfer decode": (tuned, (0, 0)),
-        f"cuBLAS, Triton decode {tri[0]}-{tri[1]}": ({}, tri),
+        f"cuBLAS, Triton decode ({where})": ({}, tri),
         "skinny plan, Triton decode (default)": (tuned, tri),
     }
     engine.scheduler.config = dc.replace(engine.scheduler.config, max_num_batched_tokens=budget)
