@@ -197,6 +197,28 @@ def skinny_gemm_enabled() -> bool:
     return os.environ.get("PDSERVE_SKINNY_GEMM", "1") != "0"
 
 
+def decode_blas_enabled() -> bool:
+    """Whether each decode CUDA graph may capture its cuBLAS GEMMs through cuBLASLt where
+    start-up timing picks it (kernels/decode_blas.py); PDSERVE_DECODE_BLAS=0 keeps the default."""
+    return os.environ.get("PDSERVE_DECODE_BLAS", "1") != "0"
+
+
+def tune_decode_blas(model: torch.nn.Module, rows: list[int]) -> None:
+    """After `tune_decode_linears`: time cuBLAS against cuBLASLt for the GEMMs each decode
+    graph size runs on cuBLAS and plan the winners; logs what was picked."""
+    from kernels import decode_blas
+
+    if not decode_blas_enabled():
+        decode_blas.set_plan({})
+        return
+    t0 = time.perf_counter()
+    lines = decode_blas.tune(model, rows)
+    for line in lines:
+        log.info("%s", line)
+    if lines:
+        log.info("decode-graph GEMM front ends timed in %.1f s", time.perf_counter() - t0)
+
+
 def tune_decode_linears(model: torch.nn.Module, rows: list[int]) -> None:
     """With the Triton ops installed: time the skinny GEMM against cuBLAS for the decode
     batches of `rows` rows and plan the winners; logs what was picked and how long it took."""

@@ -11,7 +11,12 @@ import msgspec
 import torch
 
 from kernels.attention.selector import select_backend
-from kernels.capabilities import install_fused_ops, tune_decode_attention, tune_decode_linears
+from kernels.capabilities import (
+    install_fused_ops,
+    tune_decode_attention,
+    tune_decode_blas,
+    tune_decode_linears,
+)
 from kvcache.layout import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget, parse_size
 from kvcache.manager import KVCacheManager
 from server.engine.config import EngineConfig
@@ -143,6 +148,7 @@ class EngineCore:
         graphs = None
         if use_graphs:
             tune_decode_linears(self.model, bucket_sizes(graph_sizes))
+            tune_decode_blas(self.model, bucket_sizes(graph_sizes))
             graphs = CudaGraphRunner(self.model, self.attn, config.block_size, graph_sizes, max_len,
                                      dummy_block=num_blocks, device=self.device)
             graphs.capture()
