@@ -14,6 +14,9 @@ tuned first) runs them; nothing at one row on the fused GEMV path. Each as a CUD
 call per layer's weight (no L2 reuse). A size takes cuBLASLt only if the sum wins by `MIN_GAIN`.
 The preference is process-wide state that a GEMM reads when it is launched, so it is set only
 around a graph's warm-up and capture (`preferred`); everything else runs on the default.
+
+Opt-in (`kernels.capabilities.decode_blas_enabled`, PDSERVE_DECODE_BLAS=1) until an engine run
+on a GPU has measured it end to end; tests/test_gpu_decode_blas.py checks the mechanism.
 """
 
 from __future__ import annotations

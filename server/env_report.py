@@ -81,7 +81,7 @@ def report() -> list[tuple[str, str]]:
             rows.append((f"{dev} decode-batch linears", "cuBLAS or the skinny GEMM, timed per batch size at "
                          "engine start" if skinny_gemm_enabled() else "cuBLAS (PDSERVE_SKINNY_GEMM=0)"))
             rows.append((f"{dev} decode-graph GEMMs", "through cuBLAS or cuBLASLt, timed per batch size at "
-                         "engine start" if decode_blas_enabled() else "through cuBLAS (PDSERVE_DECODE_BLAS=0)"))
+                         "engine start (PDSERVE_DECODE_BLAS=1)" if decode_blas_enabled() else "through cuBLAS"))
             pdl = pdl_choice(dev)
             rows.append((f"{dev} programmatic dependent launch", f"{pdl.name} ({pdl.why})"))
     return rows
