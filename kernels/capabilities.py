@@ -19,9 +19,12 @@ import importlib
 import logging
 import os
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from kernels.attention.base import AttentionBackend
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +155,7 @@ def triton_decode_tuned() -> bool:
     return "PDSERVE_TRITON_DECODE_TILE" not in os.environ
 
 
-def tune_decode_attention(attn, sizes: list[int], max_context: int) -> None:
+def tune_decode_attention(attn: AttentionBackend, sizes: list[int], max_context: int) -> None:
     """Let the attention backend time its decode kernels for the CUDA-graph batch sizes
     `sizes` (`AttentionBackend.tune_decode`) unless the tile is fixed; logs what was picked."""
     if not triton_decode_tuned():
