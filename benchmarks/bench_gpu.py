@@ -16,7 +16,8 @@ staged while the current one runs); and with step overlap, the default (the next
 launched before the current step's tokens are read back, so a step's time is its cadence);
 batch 1 also with the fused one-row linears
 (kernels/triton/gemv.py, the default) off, graphs recaptured; batch 64 / 128 also with the
-graph's GEMMs captured through cuBLASLt (kernels/decode_blas.py), alternated with cuBLAS. Ceilings use triton.testing.do_bench
+graph's GEMMs captured through cuBLASLt (kernels/decode_blas.py), alternated with cuBLAS
+(`--blas-ab`). Ceilings use triton.testing.do_bench
 medians (CUDA events). Prefix caching is off so every prompt is computed.
 """
 
@@ -341,6 +342,8 @@ def main() -> int:
         "<date>-gpu-llama8b-b1.md",
     )
     ap.add_argument("--profile-replays", type=int, default=20, help="0: no kernel profile")
+    ap.add_argument("--blas-ab", action="store_true",
+                    help="batch 64 / 128 also with the graph's GEMMs through cuBLASLt (PDSERVE_DECODE_BLAS)")
     args = ap.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -534,7 +537,7 @@ def main() -> int:
             ]
         )
         rows += mode_rows(modes, roof)
-        if graphs is not None:
+        if graphs is not None and args.blas_ab:
             ab = blas_ab(engine, batch, args.steps)
             cb, lt = ab["cublas"], ab["cublaslt"]
             rows.append(
