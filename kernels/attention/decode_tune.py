@@ -63,8 +63,11 @@ def _events_us(fn: Callable[[int], object], count: int, reps: int = 3) -> float:
 
 
 def _time_size(backend, b: int, ctx: int, tiles: list[Tile], gen: torch.Generator) -> dict[Tile | None, float]:
-    """us a layer of FlashInfer's decode (key None) and of the Triton kernel with each tile, for
-    `b` sequences of `ctx` tokens on distinct blocks of the backend's cache, over every layer."""
+    """us a layer of FlashInfer's decode (key None) and of the Triton kernel with each tile
+    that fits the device, for `b` sequences of `ctx` tokens on distinct blocks of the backend's
+    cache, over every layer."""
+    from triton.runtime.errors import OutOfResources
+
     from kernels.triton.paged_attention import paged_attention
 
     cache = backend.kv_cache  # [blocks, layers, 2, block_size, Hkv, D]
@@ -83,8 +86,11 @@ def _time_size(backend, b: int, ctx: int, tiles: list[Tile], gen: torch.Generato
         None: _events_us(lambda i: wrapper.run(q, cache[:, i], out=out), num_layers)
     }
     for tile in tiles:
-        times[tile] = _events_us(lambda i, tile=tile: paged_attention(
-            q, cache[:, i], tables, seq_lens, qsl, 1, backend.scale, out=out, config=tile), num_layers)
+        try:
+            times[tile] = _events_us(lambda i, tile=tile: paged_attention(
+                q, cache[:, i], tables, seq_lens, qsl, 1, backend.scale, out=out, config=tile), num_layers)
+        except OutOfResources:  # the tile's pipeline does not fit this device's shared memory
+            continue
     return times
 
 
@@ -109,10 +115,11 @@ def tune(backend, sizes: Iterable[int], max_context: int, tiles: Iterable[Tile])
                          f"{'no tiles' if not tiles else 'the KV cache holds no block per sequence'})")
             continue
         times = _time_size(backend, b, ctx, tiles, gen)
-        best = min(tiles, key=lambda t: times[t])
-        pick = best if times[best] * MIN_GAIN < times[None] else None
+        fits = [t for t in tiles if t in times]
+        best = min(fits, key=lambda t: times[t], default=None)
+        pick = best if best is not None and times[best] * MIN_GAIN < times[None] else None
         chosen[b] = pick
-        tried = ", ".join(f"{t} {times[t]:.1f}" for t in tiles)
+        tried = ", ".join(f"{t} {times[t]:.1f}" if t in times else f"{t} does not fit" for t in tiles)
         lines.append(f"decode attention at {b} sequences x {ctx} tokens: "
                      f"{'FlashInfer' if pick is None else f'Triton {pick}'}; us a layer: FlashInfer "
                      f"{times[None]:.1f}, Triton {tried}")
