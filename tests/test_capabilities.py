@@ -227,3 +227,42 @@ def test_decode_blas_plan_on_cpu():
         assert decode_blas.library_for(64) == "cublaslt" and decode_blas.library_for(32) is None
     finally:
         decode_blas.set_plan({})
+
+
+def test_decode_tune_picks(monkeypatch):
+    """decode_tune.tune's choice per batch size, with the GPU timings replaced by given numbers
+    (the kernels need a GPU; tests/test_gpu_kernels.py times them for real): the fastest tile
+    that fits, only if it beats FlashInfer by MIN_GAIN; sizes outside the backend's range are
+    not timed; the context is what the cache holds per sequence, at most TUNE_CONTEXT; a cache
+    without a block per sequence times nothing."""
+    from types import SimpleNamespace
+
+    from kernels.attention import decode_tune
+
+    a, b = (32, 4, 2), (64, 4, 3)
+    timings = {64: {None: 100.0, a: 93.0, b: 95.0}, 128: {None: 100.0, a: 99.0, b: 98.5},
+               96: {None: 100.0, a: 90.0}}  # 96: tile b does not fit the device
+    seen = {}
+
+    def fake_time_size(backend, size, ctx, tiles, gen):
+        seen[size] = ctx
+        return timings[size]
+
+    monkeypatch.setattr(decode_tune, "_time_size", fake_time_size)
+
+    def backend(blocks):  # kv_cache [blocks, layers, 2, block_size 16, Hkv, D]
+        return SimpleNamespace(kv_cache=torch.empty(blocks, 2, 2, 16, 1, 1), _triton_lo=33, _triton_hi=128)
+
+    chosen, lines = decode_tune.tune(backend(1000), [16, 32, 64, 96, 128], 4096, [a, b])
+    assert chosen == {64: a, 96: a, 128: None}  # 128: a 1.5% win is inside MIN_GAIN
+    assert seen == {64: 1000 // 64 * 16, 96: 1000 // 96 * 16, 128: 1000 // 128 * 16}
+    assert [line.split(":")[0] for line in lines] == [
+        "decode attention at 64 sequences x 240 tokens", "decode attention at 96 sequences x 160 tokens",
+        "decode attention at 128 sequences x 112 tokens"]
+    assert "(64, 4, 3) does not fit" in lines[1] and "FlashInfer;" in lines[2]
+    seen.clear()
+    chosen, lines = decode_tune.tune(backend(100_000), [64], 700, [a, b])
+    assert seen == {64: 700} and chosen == {64: a}  # capped by max_context
+    seen.clear()
+    chosen, lines = decode_tune.tune(backend(100), [128], 4096, [a, b])
+    assert seen == {} and chosen == {128: None} and "nothing to time" in lines[0]
