@@ -62,7 +62,6 @@ def cublas_linears(model: torch.nn.Module, rows: int) -> dict[str, list[torch.Te
     """name -> the weights (one per layer) that the decode graph of `rows` rows multiplies on
     cuBLAS, as `LlamaForCausalLM.forward_logits` and `kernels.ops.fused_linear` route them."""
     from kernels import ops
-    from kernels.triton import skinny_plan
 
     layers = list(model.layers)
     w0 = layers[0].qkv_proj.weight
@@ -72,9 +71,17 @@ def cublas_linears(model: torch.nn.Module, rows: int) -> dict[str, list[torch.Te
     out = {"lm_head": [model.lm_head.weight], "qkv": [m.qkv_proj.weight for m in layers]}
     for name, gated, res in (("o_proj", False, True), ("gate_up_proj", True, False), ("down_proj", False, True)):
         weights = [getattr(m, name).weight for m in layers]
-        if not (fused and skinny_plan.lookup(rows, weights[0], gated, res) is not None):
+        if not (fused and _skinny_runs(rows, weights[0], gated, res)):
             out[name] = weights
     return out
+
+
+def _skinny_runs(rows: int, weight: torch.Tensor, gated: bool, residual: bool) -> bool:
+    """Whether the skinny plan runs this linear at `rows` (only asked on the fused layer path,
+    which exists only where the Triton ops are installed)."""
+    from kernels.triton import skinny_plan
+
+    return skinny_plan.lookup(rows, weight, gated, residual) is not None
 
 
 @torch.inference_mode()
