@@ -282,9 +282,10 @@ def blas_ab(engine: EngineCore, batch: int, steps: int) -> dict[str, float]:
 
 def profile_engine_steps(engine: EngineCore, steps: int) -> tuple[str, dict]:
     """Kernel-level profile of `steps` real decode steps (staging, graph, sampler), per step.
-    Real steps rather than bare replays of the graph: replays after driving the graph by hand
-    (`phase_breakdown`) measured the batch-128 attention kernels 20% faster than the steps run
-    them (H100, 2026-12-06), faster than the KV cache can be read."""
+    Real steps rather than bare replays of the graph, so the staging and sampler kernels count.
+    (An early batch-128 profile of bare replays read the attention 20% under the steps' time,
+    H100, 2026-12-06: most likely some of the batch's requests had run out of tokens by then and
+    their rows were one-token padding; `main` now gives them enough.)"""
     settle(engine)
     overlap, engine.config.step_overlap = engine.config.step_overlap, False
     timed_steps(engine, 3)
