@@ -109,10 +109,10 @@ def tune(backend, sizes: Iterable[int], max_context: int, tiles: Iterable[Tile])
         if not backend._triton_lo <= b <= backend._triton_hi:
             continue
         ctx = min(TUNE_CONTEXT, max_context, num_blocks // b * block_size)
-        if ctx < 1 or not tiles:
+        if ctx < 1:
             chosen[b] = None
             lines.append(f"decode attention at {b} sequences: FlashInfer (nothing to time: "
-                         f"{'no tiles' if not tiles else 'the KV cache holds no block per sequence'})")
+                         "the KV cache holds no block per sequence)")
             continue
         times = _time_size(backend, b, ctx, tiles, gen)
         fits = [t for t in tiles if t in times]

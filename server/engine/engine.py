@@ -143,12 +143,13 @@ class EngineCore:
             ),
             self.kv,
         )
+        sizes = bucket_sizes(graph_sizes)
         if on_cuda:
-            tune_decode_attention(self.attn, bucket_sizes(graph_sizes), max_len)
+            tune_decode_attention(self.attn, sizes, max_len)
         graphs = None
         if use_graphs:
-            tune_decode_linears(self.model, bucket_sizes(graph_sizes))
-            tune_decode_blas(self.model, bucket_sizes(graph_sizes))
+            tune_decode_linears(self.model, sizes)
+            tune_decode_blas(self.model, sizes)
             graphs = CudaGraphRunner(self.model, self.attn, config.block_size, graph_sizes, max_len,
                                      dummy_block=num_blocks, device=self.device)
             graphs.capture()
