@@ -7,7 +7,9 @@ one-launch split-KV kernel (kernels/triton/decode_attention.py) at fixed split c
 FlashInfer backend with its defaults (the fused kernel up to PDSERVE_SPLIT_KV_DECODE_MAX_BATCH
 sequences). Each variant is planned once, then 32 calls (one per layer) are captured in a CUDA
 graph; time = graph replay / 32. Also the KV bytes each call must read at the measured D2D copy
-rate, and the largest output difference from the first variant. (2026-12-02-decode-attention.md and earlier
+rate and at the measured read rate (a Triton kernel that only reads, the ceiling of a kernel
+like attention that reads far more than it writes), and the largest output difference from the
+first variant. (2026-12-02-decode-attention.md and earlier
 timed `forward`, store + attend without RoPE.)
 
     python benchmarks/bench_decode_attention.py [--batches 1,8,64] [--contexts 256,2048,8192]
@@ -70,7 +72,30 @@ class FusedDecode:
                                       m.block_tables, m.seq_lens, D**-0.5, self.ws, num_splits=self.splits)
 
 
-TRITON_DECODE_CONFIGS = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3), (64, 4, 4)]
+def read_bandwidth() -> float:
+    """Bytes/s of a Triton kernel that reads 4 GiB and writes one float per program."""
+    import triton
+    import triton.language as tl
+    from triton.testing import do_bench
+
+    @triton.jit
+    def _read(x, out, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(ITERS):
+            acc += tl.load(x + base + i * BLOCK + tl.arange(0, BLOCK)).to(tl.float32)
+        tl.store(out + tl.program_id(0), tl.sum(acc))
+
+    n, block, iters = 1 << 31, 4096, 16  # 2 Gi bf16 elements, a multiple of block * iters
+    x = torch.ones(n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(n // (block * iters), device="cuda")
+    ms = do_bench(lambda: _read[(out.numel(),)](x, out, BLOCK=block, ITERS=iters, num_warps=8),
+                  warmup=20, rep=200, return_mode="median")
+    return n * 2 / (ms * 1e-3)
+
+
+TRITON_DECODE_CONFIGS = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3), (64, 4, 4),
+                         (16, 2, 3), (16, 2, 4), (32, 2, 2), (16, 4, 3)]
 
 
 def variants(batch: int, sweep: bool = False):
@@ -95,6 +120,9 @@ def variants(batch: int, sweep: bool = False):
         "fused split-KV, 32 splits": lambda c: FusedDecode(c, batch, 32),
         "flashinfer backend, defaults": lambda c: fi(c, HQ, HKV, D),
     }  # fmt: skip
+
+
+HEADERS = ["batch", "context", "variant", "us per layer", "KV read at copy rate us", "at read rate us", "max |diff|"]
 
 
 @torch.inference_mode()
@@ -122,7 +150,7 @@ def main() -> int:
                     help="FlashInfer tensor-core decode vs the Triton paged kernel's decode tiles "
                          "(BLOCK_N, warps, stages), and the FlashInfer backend's defaults")
     args = ap.parse_args()
-    bw = copy_bandwidth()
+    bw, read_bw = copy_bandwidth(), read_bandwidth()
     torch.cuda.empty_cache()
     per_token = LAYERS * 2 * HKV * D * 2  # bf16 bytes of one token's K and V, all layers
     gen = torch.Generator().manual_seed(0)
@@ -141,22 +169,23 @@ def main() -> int:
             rope = RotaryEmbedding(D, ctx + 1, 500000.0, LLAMA3_ROPE, torch.bfloat16).cuda()
             positions = meta.seq_lens.long() - 1
             floor_us = batch * ctx * per_token / LAYERS / bw * 1e6
+            read_us = batch * ctx * per_token / LAYERS / read_bw * 1e6
             ref = None
             names = variants(batch, args.triton_sweep)
             for name, make in names.items():
                 try:
                     us, out = time_variant(make, cache, meta, q, k, v, positions, rope)
                 except Exception as e:  # a variant this install cannot build: say so, go on
-                    rows.append([batch, ctx, name, f"failed: {type(e).__name__}: {str(e)[:60]}", "", ""])
+                    rows.append([batch, ctx, name, f"failed: {type(e).__name__}: {str(e)[:60]}", "", "", ""])
                     continue
                 diff = 0.0 if ref is None else (out - ref).abs().max().item()
                 ref = out if ref is None else ref
-                rows.append([batch, ctx, name, f"{us:.1f}", f"{floor_us:.1f}", f"{diff:.3g}"])
-            print(table(["batch", "context", "variant", "us per layer", "KV read at copy rate us", "max |diff|"], rows[-len(names):]), flush=True)
+                rows.append([batch, ctx, name, f"{us:.1f}", f"{floor_us:.1f}", f"{read_us:.1f}", f"{diff:.3g}"])
+            print(table(HEADERS, rows[-len(names):]), flush=True)
             del cache
             torch.cuda.empty_cache()
-    out = table(["batch", "context", "variant", "us per layer", "KV read at copy rate us", "max |diff|"], rows)
-    head = f"D2D copy {bw / 1e12:.2f} TB/s (read+write) measured in this run.\n"
+    out = table(HEADERS, rows)
+    head = f"D2D copy {bw / 1e12:.2f} TB/s (read+write), read {read_bw / 1e12:.2f} TB/s, measured in this run.\n"
     print(head + out)
     print(f"wrote {write_result('decode-attention', head + chr(10) + out, 'python benchmarks/bench_decode_attention.py ' + ' '.join(sys.argv[1:]))}")
     return 0

@@ -15,9 +15,7 @@ same engine and requests: step lookahead off; lookahead on without overlap (the 
 staged while the current one runs); and with step overlap, the default (the next step also
 launched before the current step's tokens are read back, so a step's time is its cadence);
 batch 1 also with the fused one-row linears
-(kernels/triton/gemv.py, the default) off, graphs recaptured; batch 64 / 128 also with the
-graph's GEMMs captured through cuBLASLt (kernels/decode_blas.py), alternated with cuBLAS
-(`--blas-ab`). Ceilings use triton.testing.do_bench
+(kernels/triton/gemv.py, the default) off, graphs recaptured. Ceilings use triton.testing.do_bench
 medians (CUDA events). Prefix caching is off so every prompt is computed.
 """
 
@@ -258,28 +256,6 @@ def profile_replays(graph: torch.cuda.CUDAGraph, replays: int) -> tuple[str, dic
     return kernel_table(device_kernels(lambda: [graph.replay() for _ in range(replays)]), replays)
 
 
-def blas_ab(engine: EngineCore, batch: int, steps: int) -> dict[str, float]:
-    """Median decode step (default modes) with the `batch` decode graph captured through
-    cuBLAS and through cuBLASLt (kernels/decode_blas.py, opt-in PDSERVE_DECODE_BLAS=1),
-    alternated twice on the same requests; the best median of each. The plan is restored."""
-    from kernels import decode_blas
-
-    graphs, plan = engine.runner.cuda_graphs, dict(decode_blas._PLAN)
-    best: dict[str, float] = {}
-    for lib in ("cublas", decode_blas.LT) * 2:
-        settle(engine)
-        engine.runner._ahead = None  # a staged step would be overwritten by the capture
-        decode_blas.set_plan({**plan, batch: lib})
-        graphs.recapture()
-        timed_steps(engine, 5)
-        best[lib] = min(best.get(lib, float("inf")), statistics.median(timed_steps(engine, steps)))
-    settle(engine)
-    engine.runner._ahead = None
-    decode_blas.set_plan(plan)
-    graphs.recapture()
-    return best
-
-
 def profile_engine_steps(engine: EngineCore, steps: int) -> tuple[str, dict]:
     """Kernel-level profile of `steps` real decode steps (staging, graph, sampler), per step.
     Real steps rather than bare replays of the graph, so the staging and sampler kernels count.
@@ -343,8 +319,6 @@ def main() -> int:
         "<date>-gpu-llama8b-b1.md",
     )
     ap.add_argument("--profile-replays", type=int, default=20, help="0: no kernel profile")
-    ap.add_argument("--blas-ab", action="store_true",
-                    help="batch 64 / 128 also with the graph's GEMMs through cuBLASLt (PDSERVE_DECODE_BLAS)")
     args = ap.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -507,11 +481,9 @@ def main() -> int:
 
     # (b) decode at batch 64 and 128, 1k context
     for batch in () if args.only_b1 else (64, 128):
-        # Tokens for the timed steps (3 modes), the phase breakdown, the profile and the BLAS
-        # A/B: every request must still be running at the end, or the batch shrinks into a
-        # smaller graph.
-        budget = 3 * args.steps + 60 + args.profile_replays + 4 * (args.steps + 5)  # + blas_ab
-        add(engine, f"b{batch}", batch, 1024, budget, gen)
+        # Tokens for the timed steps (3 modes), the phase breakdown and the profile: every
+        # request must still be running at the end, or the batch shrinks into a smaller graph.
+        add(engine, f"b{batch}", batch, 1024, 3 * args.steps + 60 + args.profile_replays, gen)
         prefill_all(engine)
         modes = decode_modes(engine, args.steps)
         step = modes["overlap"]
@@ -538,17 +510,6 @@ def main() -> int:
             ]
         )
         rows += mode_rows(modes, roof)
-        if graphs is not None and args.blas_ab:
-            ab = blas_ab(engine, batch, args.steps)
-            cb, lt = ab["cublas"], ab["cublaslt"]
-            rows.append(
-                [
-                    "  same, the graph's GEMMs through cuBLASLt",
-                    f"{lt * 1e3:.2f} ms",
-                    f"through cuBLAS: {cb * 1e3:.2f} ms",
-                    f"cuBLASLt is {cb / lt:.3f}x faster (alternated twice, best of each)",
-                ]
-            )
         engine.abort(
             [r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)]
         )

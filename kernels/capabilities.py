@@ -34,7 +34,7 @@ ATTENTION_CHAIN = ("flashinfer", "triton", "torch")
 # timed against FlashInfer at engine start (`tune_decode_attention`); the first tile is the one
 # used where nothing was timed.
 TRITON_DECODE_BATCHES = "33-128"
-TRITON_DECODE_TILES = ((32, 4, 2), (64, 4, 3))
+TRITON_DECODE_TILES = ((32, 4, 2), (64, 4, 3), (32, 4, 3), (16, 2, 3))
 MIN_CAPABILITY = {"flashinfer": (8, 0), "triton": (7, 5)}
 ENV_ATTENTION_BACKEND = "PDSERVE_ATTENTION_BACKEND"
 
@@ -198,30 +198,6 @@ def skinny_gemm_enabled() -> bool:
     """Whether decode-batch linears may run on the skinny GEMM where start-up timing picks it
     (kernels/triton/skinny_plan.py); PDSERVE_SKINNY_GEMM=0 keeps cuBLAS everywhere."""
     return os.environ.get("PDSERVE_SKINNY_GEMM", "1") != "0"
-
-
-def decode_blas_enabled() -> bool:
-    """Whether each decode CUDA graph may capture its cuBLAS GEMMs through cuBLASLt where
-    start-up timing picks it (kernels/decode_blas.py): opt-in, PDSERVE_DECODE_BLAS=1. Off by
-    default until an end-to-end GPU run has measured it: so far only its GEMMs were timed
-    (H100, 2026-12-06), the device budget ran out before the engine ran with it."""
-    return os.environ.get("PDSERVE_DECODE_BLAS", "0") == "1"
-
-
-def tune_decode_blas(model: torch.nn.Module, rows: list[int]) -> None:
-    """After `tune_decode_linears`: time cuBLAS against cuBLASLt for the GEMMs each decode
-    graph size runs on cuBLAS and plan the winners; logs what was picked."""
-    from kernels import decode_blas
-
-    if not decode_blas_enabled():
-        decode_blas.set_plan({})
-        return
-    t0 = time.perf_counter()
-    lines = decode_blas.tune(model, rows)
-    for line in lines:
-        log.info("%s", line)
-    if lines:
-        log.info("decode-graph GEMM front ends timed in %.1f s", time.perf_counter() - t0)
 
 
 def tune_decode_linears(model: torch.nn.Module, rows: list[int]) -> None:

@@ -13,7 +13,6 @@ import torch
 from kernels.capabilities import (
     TRITON_DECODE_TILES,
     choose_attention_backend,
-    decode_blas_enabled,
     fused_gemv_enabled,
     module_version,
     pdl_choice,
@@ -80,8 +79,6 @@ def report() -> list[tuple[str, str]]:
                          else "cuBLAS + norm/SiLU kernels (PDSERVE_FUSED_GEMV=0)"))
             rows.append((f"{dev} decode-batch linears", "cuBLAS or the skinny GEMM, timed per batch size at "
                          "engine start" if skinny_gemm_enabled() else "cuBLAS (PDSERVE_SKINNY_GEMM=0)"))
-            rows.append((f"{dev} decode-graph GEMMs", "through cuBLAS or cuBLASLt, timed per batch size at "
-                         "engine start (PDSERVE_DECODE_BLAS=1)" if decode_blas_enabled() else "through cuBLAS"))
             pdl = pdl_choice(dev)
             rows.append((f"{dev} programmatic dependent launch", f"{pdl.name} ({pdl.why})"))
     return rows

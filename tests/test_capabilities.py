@@ -208,27 +208,6 @@ def test_decode_tile_for():
     assert tile_for(40, 0, 0, a, tuned) is None  # "0-0": never, tuned or not
 
 
-def test_decode_blas_plan_on_cpu():
-    """kernels/decode_blas.py off the GPU: nothing is timed or planned, `preferred(None)` leaves
-    the process-wide preference alone, and without the fused linears (the CPU) every GEMM of a
-    decode graph counts as cuBLAS's: lm_head, then one weight per layer for each linear."""
-    from kernels import decode_blas
-    from server.models.loader import load_model
-
-    model = load_model("random:smollm2-135m", torch.bfloat16, torch.device("cpu"), 64, progress=False).model
-    assert decode_blas.tune(model, [1, 2, 8]) == [] and decode_blas.library_for(2) is None
-    with decode_blas.preferred(None):
-        pass
-    linears = decode_blas.cublas_linears(model, 4)
-    assert list(linears) == ["lm_head", "qkv", "o_proj", "gate_up_proj", "down_proj"]
-    assert [len(w) for w in linears.values()] == [1] + [len(model.layers)] * 4
-    decode_blas.set_plan({64: decode_blas.LT})
-    try:
-        assert decode_blas.library_for(64) == "cublaslt" and decode_blas.library_for(32) is None
-    finally:
-        decode_blas.set_plan({})
-
-
 def test_decode_tune_picks(monkeypatch):
     """decode_tune.tune's choice per batch size, with the GPU timings replaced by given numbers
     (the kernels need a GPU; tests/test_gpu_kernels.py times them for real): the fastest tile

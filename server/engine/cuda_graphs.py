@@ -33,7 +33,6 @@ from typing import NamedTuple
 
 import torch
 
-from kernels import decode_blas
 from kernels.attention.base import AttentionBackend, AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -191,14 +190,12 @@ class CudaGraphRunner:
             pad = DecodeBatch([], [], [], [], [])
             meta, _ = self._stage(pad, bs)
             self.attn.plan_cuda_graph(meta)
-            # The GEMMs' cuBLAS front end for this size (kernels/decode_blas.py), baked in.
-            with decode_blas.preferred(decode_blas.library_for(bs)):
-                # Warm-up outside the graph: compiles Triton kernels, creates cuBLAS handles.
-                self.model.forward_logits(self.input_ids[:bs], self.positions[:bs], self.attn)
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    out = self.model.forward_logits(self.input_ids[:bs], self.positions[:bs], self.attn)
+            # Warm-up outside the graph: compiles Triton kernels, creates cuBLAS handles.
+            self.model.forward_logits(self.input_ids[:bs], self.positions[:bs], self.attn)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.model.forward_logits(self.input_ids[:bs], self.positions[:bs], self.attn)
             if self._pool is None:
                 self._pool = graph.pool()
             self._graphs[bs] = (graph, out)

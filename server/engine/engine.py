@@ -14,7 +14,6 @@ from kernels.attention.selector import select_backend
 from kernels.capabilities import (
     install_fused_ops,
     tune_decode_attention,
-    tune_decode_blas,
     tune_decode_linears,
 )
 from kvcache.layout import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget, parse_size
@@ -149,7 +148,6 @@ class EngineCore:
         graphs = None
         if use_graphs:
             tune_decode_linears(self.model, sizes)
-            tune_decode_blas(self.model, sizes)
             graphs = CudaGraphRunner(self.model, self.attn, config.block_size, graph_sizes, max_len,
                                      dummy_block=num_blocks, device=self.device)
             graphs.capture()
