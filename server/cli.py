@@ -40,10 +40,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "the current one's tokens reach the host (stage it only)")
 
 
-def engine_config_from_args(args: argparse.Namespace):
+def engine_config_from_args(args: argparse.Namespace, **overrides):
+    """The EngineConfig the engine flags describe (plus `overrides`); a bad value exits with a
+    message that names its flag, not a traceback."""
     from server.engine.config import EngineConfig
 
-    return EngineConfig(
+    fields = dict(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
@@ -61,6 +63,10 @@ def engine_config_from_args(args: argparse.Namespace):
         step_overlap=not args.no_step_overlap,
         max_piecewise_tokens=args.max_piecewise_tokens,
     )
+    try:
+        return EngineConfig(**fields, **overrides)
+    except ValueError as e:
+        sys.exit(f"pdserve: error: {e}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -100,8 +106,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from server.worker.__main__ import run_worker
 
-    config = engine_config_from_args(args)
-    config.num_threads = args.worker_threads
+    config = engine_config_from_args(args, num_threads=args.worker_threads)
     worker_id = args.worker_id or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
     return run_worker(
         worker_id, args.role, args.router, config, heartbeat_interval=args.heartbeat_interval,

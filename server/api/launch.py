@@ -131,9 +131,7 @@ def engine_configs(
     """Each spawned worker's `EngineConfig` fields as JSON-able values (each worker builds the
     dataclass) -- the same flags, with the device and memory share of its placement -- and the
     environment it starts with (CUDA_VISIBLE_DEVICES of its GPU)."""
-    config = engine_config_from_args(args)
-    config.num_threads = args.worker_threads
-    config.progress = False
+    config = engine_config_from_args(args, num_threads=args.worker_threads, progress=False)
     placements = place_workers(
         num_workers, config.device, config.gpu_memory_utilization, visible_gpus(config.device),
         parse_gpus(args.gpus), os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -195,9 +193,8 @@ def _check_args(args: argparse.Namespace, plan: list[tuple[str, str]], spawn: bo
         raise SystemExit("nothing to serve: give --num-workers, --decode-workers or both")
     if spawn and all(role == "prefill" for _, role in plan):
         raise SystemExit("prefill workers need a decode worker: add --decode-workers or --num-workers")
-    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-        if getattr(args, name, 1) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if spawn:  # every engine flag's range, before anything starts (exits naming the flag)
+        engine_config_from_args(args, num_threads=args.worker_threads)
     if args.kv_lease <= 0 or args.kv_lease_grace < 0:
         raise SystemExit("--kv-lease must be positive and --kv-lease-grace not negative")
 

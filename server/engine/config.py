@@ -35,3 +35,36 @@ class EngineConfig:
     # With CUDA graphs: prefill / mixed steps of up to this many tokens (capped at
     # max_num_batched_tokens) replay piecewise CUDA graphs split at attention; 0 = eager.
     max_piecewise_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        """Reject a config that would build an engine which never schedules anything (a
+        max_num_seqs of 0 used to do exactly that: requests waited forever) or fails deep inside
+        a kernel, naming the field and its command-line flag."""
+        at_least = {
+            "block_size": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1,
+            "long_prefill_token_threshold": 0, "max_piecewise_tokens": 0,
+        }  # fmt: skip
+        for name, lo in at_least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise ValueError(f"{_flag(name)} must be an integer of at least {lo}, got {value!r}")
+        if self.max_num_seqs > MAX_NUM_SEQS:
+            raise ValueError(f"{_flag('max_num_seqs')} must be at most {MAX_NUM_SEQS} (a CUDA grid "
+                             f"dimension bounds the sequences of one attention launch), got {self.max_num_seqs}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"{_flag('max_model_len')} must be an integer of at least 2 (a prompt token "
+                             f"and a generated one), got {self.max_model_len!r}")
+        if not 0 <= self.gpu_memory_utilization <= 1:
+            raise ValueError(f"{_flag('gpu_memory_utilization')} must be in [0, 1] (0: use "
+                             f"--kv-cache-memory), got {self.gpu_memory_utilization}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"{_flag('num_threads')} must be at least 1, got {self.num_threads}")
+
+
+# The Triton paged-attention kernel puts a step's sequences on CUDA grid dimension z.
+MAX_NUM_SEQS = 65535
+
+
+def _flag(name: str) -> str:
+    flag = "--worker-threads" if name == "num_threads" else "--" + name.replace("_", "-")
+    return f"{name} ({flag})"

@@ -1,0 +1,56 @@
+"""EngineConfig rejects values that would build a dead or broken engine, naming the flag; the CLI
+turns that into one line on stderr and a non-zero exit before anything loads (no model, no
+torch import in the router process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from server.engine.config import MAX_NUM_SEQS, EngineConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [
+        ("max_num_seqs", 0, "--max-num-seqs"),  # used to build an engine that never scheduled
+        ("max_num_seqs", -3, "--max-num-seqs"),
+        ("max_num_seqs", MAX_NUM_SEQS + 1, "--max-num-seqs"),
+        ("max_num_batched_tokens", 0, "--max-num-batched-tokens"),
+        ("block_size", 0, "--block-size"),
+        ("max_model_len", 1, "--max-model-len"),
+        ("max_piecewise_tokens", -1, "--max-piecewise-tokens"),
+        ("long_prefill_token_threshold", -1, "--long-prefill-token-threshold"),
+        ("gpu_memory_utilization", 1.5, "--gpu-memory-utilization"),
+        ("gpu_memory_utilization", -0.1, "--gpu-memory-utilization"),
+        ("num_threads", 0, "--worker-threads"),
+        ("max_num_seqs", 2.5, "--max-num-seqs"),
+    ],
+)
+def test_bad_values_name_their_flag(field, value, flag):
+    with pytest.raises(ValueError, match=f"{field} \\({flag}\\)"):
+        EngineConfig(**{field: value})
+
+
+def test_edges_that_are_valid():
+    EngineConfig()
+    EngineConfig(max_num_seqs=1, max_num_batched_tokens=1, block_size=1, max_model_len=2,
+                 max_piecewise_tokens=0, gpu_memory_utilization=0, num_threads=1)
+    EngineConfig(max_num_seqs=MAX_NUM_SEQS, gpu_memory_utilization=1.0)
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--max-num-seqs", "0"],
+    ["generate", "hi", "--max-num-batched-tokens", "0"],
+])  # fmt: skip
+def test_cli_exits_with_the_flag_named(argv):
+    proc = subprocess.run([sys.executable, "-m", "server.cli", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "pdserve: error:" in proc.stderr and "--max-num-" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
