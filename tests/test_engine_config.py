@@ -30,6 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("gpu_memory_utilization", -0.1, "--gpu-memory-utilization"),
         ("num_threads", 0, "--worker-threads"),
         ("max_num_seqs", 2.5, "--max-num-seqs"),
+        ("dtype", "foo", "--dtype"),
+        ("kv_cache_memory", "abc", "--kv-cache-memory"),
+        ("kv_cache_memory", -1, "--kv-cache-memory"),
     ],
 )
 def test_bad_values_name_their_flag(field, value, flag):
@@ -41,16 +44,19 @@ def test_edges_that_are_valid():
     EngineConfig()
     EngineConfig(max_num_seqs=1, max_num_batched_tokens=1, block_size=1, max_model_len=2,
                  max_piecewise_tokens=0, gpu_memory_utilization=0, num_threads=1)
-    EngineConfig(max_num_seqs=MAX_NUM_SEQS, gpu_memory_utilization=1.0)
+    EngineConfig(max_num_seqs=MAX_NUM_SEQS, gpu_memory_utilization=1.0, dtype="bf16", kv_cache_memory=0)
+    EngineConfig(kv_cache_memory="1.5 GB", dtype="float32")
 
 
-@pytest.mark.parametrize("argv", [
-    ["serve", "--max-num-seqs", "0"],
-    ["generate", "hi", "--max-num-batched-tokens", "0"],
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["serve", "--max-num-seqs", "0"], "--max-num-seqs"),
+    (["serve", "--kv-cache-memory", "abc"], "--kv-cache-memory"),  # was a worker's traceback
+    (["serve", "--dtype", "foo"], "--dtype"),
+    (["generate", "hi", "--max-num-batched-tokens", "0"], "--max-num-batched-tokens"),
 ])  # fmt: skip
-def test_cli_exits_with_the_flag_named(argv):
+def test_cli_exits_with_the_flag_named(argv, flag):
     proc = subprocess.run([sys.executable, "-m", "server.cli", *argv], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
-    assert "pdserve: error:" in proc.stderr and "--max-num-" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "pdserve: error:" in proc.stderr and flag in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "listening" not in proc.stderr

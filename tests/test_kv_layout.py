@@ -12,9 +12,9 @@ from kvcache.layout import (
     contiguous_runs,
     layer_view,
     num_blocks_for_budget,
-    parse_size,
     run_byte_range,
 )
+from kvcache.sizes import parse_size
 
 SPEC = KVCacheSpec(num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float16)
 

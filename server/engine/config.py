@@ -5,6 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvcache.sizes import parse_size
+
+# --dtype names (aliases included) -> the torch dtype's name.
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
 
 @dataclass
 class EngineConfig:
@@ -54,6 +60,12 @@ class EngineConfig:
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"{_flag('max_model_len')} must be an integer of at least 2 (a prompt token "
                              f"and a generated one), got {self.max_model_len!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"{_flag('dtype')} must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        try:
+            parse_size(self.kv_cache_memory)
+        except ValueError as e:
+            raise ValueError(f"{_flag('kv_cache_memory')}: {e}") from None
         if not 0 <= self.gpu_memory_utilization <= 1:
             raise ValueError(f"{_flag('gpu_memory_utilization')} must be in [0, 1] (0: use "
                              f"--kv-cache-memory), got {self.gpu_memory_utilization}")

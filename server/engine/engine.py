@@ -16,9 +16,10 @@ from kernels.capabilities import (
     tune_decode_attention,
     tune_decode_linears,
 )
-from kvcache.layout import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget, parse_size
+from kvcache.layout import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget
 from kvcache.manager import KVCacheManager
-from server.engine.config import EngineConfig
+from kvcache.sizes import parse_size
+from server.engine.config import DTYPES, EngineConfig
 from server.engine.cuda_graphs import BUCKETS, CudaGraphRunner, bucket_sizes
 from server.engine.gpu_memory import profile_kv_cache_bytes
 from server.engine.model_runner import ModelRunner, PendingStep
@@ -33,8 +34,7 @@ from server.models.loader import load_model
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPES.items()}
 
 
 def _samples_without_history(req: Request) -> bool:
