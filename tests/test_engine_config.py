@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from server.engine.config import MAX_NUM_SEQS, EngineConfig
+from server.engine.config import ATTENTION_BACKENDS, MAX_NUM_SEQS, EngineConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("num_threads", 0, "--worker-threads"),
         ("max_num_seqs", 2.5, "--max-num-seqs"),
         ("dtype", "foo", "--dtype"),
+        ("attention_backend", "flashattn", "--attention-backend"),
         ("kv_cache_memory", "abc", "--kv-cache-memory"),
         ("kv_cache_memory", -1, "--kv-cache-memory"),
     ],
@@ -46,6 +47,12 @@ def test_edges_that_are_valid():
                  max_piecewise_tokens=0, gpu_memory_utilization=0, num_threads=1)
     EngineConfig(max_num_seqs=MAX_NUM_SEQS, gpu_memory_utilization=1.0, dtype="bf16", kv_cache_memory=0)
     EngineConfig(kv_cache_memory="1.5 GB", dtype="float32")
+
+
+def test_attention_backend_names_match_the_fallback_chain():
+    from kernels.capabilities import ATTENTION_CHAIN
+
+    assert ("auto", *ATTENTION_CHAIN) == ATTENTION_BACKENDS
 
 
 @pytest.mark.parametrize(("argv", "flag"), [

@@ -10,6 +10,9 @@ from kvcache.sizes import parse_size
 # --dtype names (aliases included) -> the torch dtype's name.
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+# --attention-backend names: auto and kernels.capabilities.ATTENTION_CHAIN (a test keeps them equal;
+# importing that module here would import torch into the router).
+ATTENTION_BACKENDS = ("auto", "flashinfer", "triton", "torch")
 
 
 @dataclass
@@ -62,6 +65,9 @@ class EngineConfig:
                              f"and a generated one), got {self.max_model_len!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"{_flag('dtype')} must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"{_flag('attention_backend')} must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         try:
             parse_size(self.kv_cache_memory)
         except ValueError as e:
