@@ -65,6 +65,10 @@ def test_completion_request_maps_to_sampling_params():
         {"prompt": "x", "stop_token_ids": [10**6]},
         {"prompt": "x", "min_tokens": 9},
         {"prompt": "x", "stop": [""]},
+        {"prompt": "x", "logit_bias": {"5": 101}},
+        {"prompt": "x", "logit_bias": {"49152": 1}},
+        {"prompt": "x", "logit_bias": {"-1": 1}},
+        {"prompt": "x", "logit_bias": {"abc": 1}},
     ],
 )
 def test_out_of_range_values_raise_value_error(body):
@@ -192,3 +196,37 @@ def test_logprobs_shapes():
             ],
         }
     ]
+
+
+def test_logit_bias_maps_string_ids():
+    req = CompletionRequest.model_validate({"prompt": "x", "logit_bias": {"5": -100, "7": 2.5}})
+    assert req.sampling_params(max_tokens=8, logprobs=None, vocab_size=49152).logit_bias == {5: -100.0, 7: 2.5}
+
+
+@pytest.mark.parametrize(
+    ("extra", "ok"),
+    [
+        ({"response_format": {"type": "json_object"}}, False),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, False),
+        ({"response_format": {"type": "text"}}, True),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, False),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, False),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"}, True),
+        ({"tools": []}, True),
+        ({"functions": [{"name": "f"}]}, False),
+        ({"guided_json": {"type": "object"}}, False),
+        ({"guided_choice": ["a", "b"]}, False),
+        ({"guided_regex": None}, True),  # null: not asked for
+        ({"some_future_field": 1}, True),  # unknown fields are ignored, as vLLM does
+    ],
+)
+def test_output_constraints_this_server_cannot_honour_are_rejected(extra, ok):
+    """Guided decoding and tool calls are not implemented: asked for, they are a 400 (ignoring
+    them would return output that silently breaks the caller's contract)."""
+    for body in ({"prompt": "x", **extra}, {"messages": [{"role": "user", "content": "x"}], **extra}):
+        req = (ChatCompletionRequest if "messages" in body else CompletionRequest).model_validate(body)
+        if ok:
+            req.check()
+        else:
+            with pytest.raises(ValueError, match="not supported"):
+                req.check()

@@ -418,6 +418,12 @@ BAD = [
         400,
     ),
     ("token id out of vocab", "/v1/completions", {"prompt": [1, 10**9]}, 400),
+    ("logit_bias key not a token id", "/v1/completions", {"prompt": "x", "logit_bias": {"the": 5}}, 400),
+    ("logit_bias out of range", "/v1/chat/completions", {"messages": CHAT, "logit_bias": {"5": 150}}, 400),
+    ("json mode", "/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400),
+    ("tools", "/v1/chat/completions",
+     {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400),
+    ("guided_json", "/v1/completions", {"prompt": "x", "guided_json": {"type": "object"}}, 400),
     ("empty messages", "/v1/chat/completions", {"messages": []}, 400),
     (
         "message wrong type",
@@ -455,6 +461,22 @@ def test_over_long_prompt_names_both_numbers(http):
     assert str(MAX_MODEL_LEN) in msg and str(n) in msg
     r = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": MAX_MODEL_LEN})
     assert r.status_code == 400 and str(MAX_MODEL_LEN) in r.json()["error"]["message"]
+
+
+def test_logit_bias(client, http):
+    """OpenAI's logit_bias, end to end through the official client: +100 forces a token at every
+    step (greedy or sampled), -100 bans the greedy choice; logprobs stay the raw model's."""
+    plain = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=0)
+    first = plain.choices[0].logprobs.tokens[0]
+    ids = http.post("/tokenize", json={"prompt": first, "add_special_tokens": False}).json()["tokens"]
+    assert len(ids) == 1
+    banned = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0,
+                                       logprobs=0, logit_bias={str(ids[0]): -100})
+    assert banned.choices[0].logprobs.tokens[0] != first
+    forced = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=1.0,
+                                            logit_bias={"30": 100})
+    detok = http.post("/detokenize", json={"tokens": [30] * 5}).json()["prompt"]
+    assert forced.choices[0].message.content == detok and forced.usage.completion_tokens == 5
 
 
 def test_unknown_fields_are_ignored(client):

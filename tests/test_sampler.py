@@ -354,6 +354,35 @@ def test_penalties_only_touch_their_rows() -> None:
     assert Sampler()(logits, rows).token_ids == [1, 0]
 
 
+# --- logit_bias -----------------------------------------------------------------------------
+
+
+def test_logit_bias_forces_bans_and_only_touches_its_rows() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 3)
+    rows = [
+        _row(temperature=0.0, logit_bias={3: 100.0}),  # forced
+        _row(temperature=0.0, logit_bias={0: -100.0, 1: -100.0}),  # the two best banned
+        _row(temperature=0.0),
+    ]
+    out = Sampler()(logits, rows)
+    assert out.token_ids == [3, 2, 0]
+    assert torch.equal(logits, torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 3))  # not modified
+
+
+def test_logit_bias_shifts_the_sampled_distribution() -> None:
+    logits = torch.tensor([1.0, 1.0, 1.0])
+    tokens = _sample_many(logits, 20000, seed=4, logit_bias={2: math.log(2.0)})
+    assert torch.allclose(_frequencies(tokens, 3), torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64),
+                          atol=0.015)
+
+
+def test_logit_bias_leaves_logprobs_raw() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    out = Sampler()(logits, [_row(temperature=0.0, logprobs=1, logit_bias={2: 100.0})])
+    assert out.token_ids == [2]
+    assert out.logprobs[0].logprob == pytest.approx(torch.log_softmax(logits[0], 0)[2].item(), abs=1e-5)
+
+
 # --- min_tokens -----------------------------------------------------------------------------
 
 

@@ -2,8 +2,9 @@
 
 Field names, defaults and ranges follow the OpenAI API plus vLLM's extras (top_k, min_p,
 repetition_penalty, stop_token_ids, ignore_eos, min_tokens, ...). Unknown fields are accepted
-and ignored, as vLLM does: `unknown_fields()` lists them so the handler can log them at debug
-level. Type errors are pydantic's (HTTP 400 via `server/api/errors.py`); range errors are
+and ignored, as vLLM does (`unknown_fields()` lists them so the handler can log them at debug
+level), except those that would constrain the output in ways this server does not implement
+(guided decoding, tool calls: `UNSUPPORTED`, `response_format`, `tools`): those are a 400. Type errors are pydantic's (HTTP 400 via `server/api/errors.py`); range errors are
 `SamplingParams.validate`'s, in one place.
 """
 
@@ -17,6 +18,10 @@ from server.engine.sampling_params import SamplingParams
 
 # Upper bound on fan-out per API request; more would only queue behind itself.
 MAX_N = 128
+# Fields (OpenAI's or vLLM's) that constrain the output in ways this server does not implement:
+# a 400, not silence. `response_format` and `tools` have allowed values, checked in `check`.
+UNSUPPORTED = ("functions", "function_call", "guided_json", "guided_regex", "guided_choice",
+               "guided_grammar", "structured_outputs")
 
 
 class _Request(BaseModel):
@@ -56,6 +61,8 @@ class _SamplingFields(_Request):
     best_of: int | None = None
     # vLLM's extension: each prompt token's logprob (+ the top k) given the tokens before it
     prompt_logprobs: int | None = None
+    # OpenAI: token id (as a JSON object key, a string) -> bias in [-100, 100]
+    logit_bias: dict[str, float] | None = None
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -68,6 +75,29 @@ class _SamplingFields(_Request):
             raise ValueError("stream_options may only be set when stream is true.")
         if self.prompt_logprobs is not None and self.stream:
             raise ValueError("prompt_logprobs are not available when stream is true.")
+        unsupported = [f for f in UNSUPPORTED if (self.model_extra or {}).get(f) is not None]
+        if unsupported:
+            raise ValueError(f"{unsupported[0]} is not supported: this server has no guided "
+                             "decoding or tool-call parsing, and ignoring it would return output "
+                             "that does not follow it.")
+        fmt = (self.model_extra or {}).get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise ValueError("response_format is not supported (only {\"type\": \"text\"}): this "
+                             "server has no guided decoding.")
+        tool_choice = (self.model_extra or {}).get("tool_choice")
+        if (self.model_extra or {}).get("tools") and tool_choice != "none":
+            raise ValueError("tools are not supported (only with tool_choice \"none\"): this server "
+                             "does not parse tool calls.")
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        """logit_bias with integer token ids; ValueError for a key that is not one."""
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                out[int(key)] = bias
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}.") from None
+        return out
 
     def sampling_params(
         self,
@@ -98,6 +128,7 @@ class _SamplingFields(_Request):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self.logit_bias_ids(),
         )
         p.validate(vocab_size)
         return p

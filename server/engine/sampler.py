@@ -3,6 +3,7 @@
 Pipeline; each step runs only when some row of the batch needs it, so an all-greedy batch with no
 penalties costs one argmax:
 
+  0. logit_bias: each row's biases added to their tokens' logits.
   1. min_tokens: EOS and stop token ids -> -inf until the row has generated min_tokens tokens.
   2. penalties: repetition (HF/CTRL, over prompt + output tokens), then frequency and presence
      (OpenAI, over output tokens).
@@ -123,6 +124,7 @@ class Sampler:
         # `.float()` aliases float32 input: every op below is out-of-place so the caller's logits
         # (also needed raw for logprobs) are never modified.
         x = logits.float()
+        x = _apply_logit_bias(x, rows)
         x = _mask_until_min_tokens(x, rows)
         x = _apply_penalties(x, rows)
 
@@ -232,6 +234,22 @@ class Sampler:
 def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """Per-row scalars as a [len(values), 1] float32 column, to broadcast over [N, V]."""
     return device_tensor(values, torch.float32, device).unsqueeze(1)
+
+
+def _apply_logit_bias(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Add each row's logit_bias to its tokens' logits. x: [N, V] float32, not modified."""
+    row_idx: list[int] = []
+    col_idx: list[int] = []
+    bias: list[float] = []
+    for i, row in enumerate(rows):
+        for token, b in row.params.logit_bias.items():
+            row_idx.append(i)
+            col_idx.append(token)
+            bias.append(b)
+    if not row_idx:
+        return x
+    index = (device_tensor(row_idx, torch.int64, x.device), device_tensor(col_idx, torch.int64, x.device))
+    return x.index_put(index, device_tensor(bias, torch.float32, x.device), accumulate=True)
 
 
 def _mask_until_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

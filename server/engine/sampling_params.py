@@ -30,6 +30,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # never served from the prefix cache: cached positions have no logits.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # token id -> added to its logit before sampling (OpenAI's logit_bias: -100 bans, +100
+    # forces). The returned logprobs stay those of the raw logits, as every other adjustment.
+    logit_bias: dict[int, float] = {}
 
     @property
     def greedy(self) -> bool:
@@ -67,7 +70,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}.")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty.")
+        bad_bias = [b for b in self.logit_bias.values() if not -100.0 <= b <= 100.0]
+        if bad_bias:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {bad_bias[:5]}.")
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             if bad:
                 raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size}).")
+            bad = [t for t in self.logit_bias if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
