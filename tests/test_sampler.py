@@ -493,7 +493,8 @@ def test_seeded_rows_match_across_devices() -> None:
 
     def run(device: str) -> tuple[list[int], list[float]]:
         rows = [
-            _row(seed=s, top_k=50, top_p=0.9, logprobs=2, output=[1, 2], repetition_penalty=1.2)
+            _row(seed=s, top_k=50, top_p=0.9, logprobs=2, output=[1, 2], repetition_penalty=1.2,
+                 logit_bias={3: 2.0, 10 * s: -100.0, 7: 1.5 * s})
             for s in (1, 2, 3, 4)
         ]
         out = Sampler(seed=0)(logits.to(device), rows)
