@@ -424,6 +424,12 @@ BAD = [
     ("tools", "/v1/chat/completions",
      {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400),
     ("guided_json", "/v1/completions", {"prompt": "x", "guided_json": {"type": "object"}}, 400),
+    # JSON's \ud800 escape decodes to a lone surrogate: no UTF-8 bytes to tokenize or send on
+    ("lone surrogate in prompt", "/v1/completions", b'{"prompt": "a\\ud800b"}', 400),
+    ("lone surrogate in a message", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "\\udc00"}]}', 400),
+    ("lone surrogate in stop", "/v1/completions", b'{"prompt": "x", "stop": ["\\ud800"]}', 400),
+    ("lone surrogate to tokenize", "/tokenize", b'{"prompt": "\\ud800"}', 400),
     ("empty messages", "/v1/chat/completions", {"messages": []}, 400),
     (
         "message wrong type",

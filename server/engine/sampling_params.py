@@ -70,6 +70,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}.")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty.")
+        for s in self.stop:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"stop string {s!r} is not valid Unicode: {e.reason}.") from None
         bad_bias = [b for b in self.logit_bias.values() if not -100.0 <= b <= 100.0]
         if bad_bias:
             raise ValueError(f"logit_bias values must be in [-100, 100], got {bad_bias[:5]}.")

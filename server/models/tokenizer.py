@@ -240,8 +240,19 @@ class Tokenizer:
         return select_chat_template(self.chat_templates) if self.chat_templates else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; BOS/EOS only if the model adds them and `add_special_tokens`."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; BOS/EOS only if the model adds them and `add_special_tokens`.
+        ValueError for text that is not valid Unicode (a lone surrogate, which JSON's \\ud800
+        escapes can carry): it has no UTF-8 bytes to tokenize."""
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"the text is not valid Unicode: {e.reason} at character "
+                                     f"{e.start} ({text[e.start]!r})") from None
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; incomplete UTF-8 at either end becomes U+FFFD."""
