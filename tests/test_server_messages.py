@@ -50,7 +50,7 @@ def test_round_trip_every_message():
     ]  # fmt: skip
     for msg in msgs:
         assert m.decode_worker_message(m.encode(msg)) == msg
-    params = SamplingParams(max_tokens=7, temperature=0.0, stop=["x"], seed=3)
+    params = SamplingParams(max_tokens=7, temperature=0.0, stop=["x"], seed=3, logit_bias={5: -100.0, 9: 2.5})
     for msg in [
         m.AddRequest(request_id="r", prompt_token_ids=[1, 2], params=params),
         m.AbortRequests(request_ids=["a", "b"]),
