@@ -53,7 +53,7 @@ from kvcache.transfer.base import KVEndpoint
 from server.engine.outputs import EngineStats, RequestOutput
 from server.engine.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4  # 4: SamplingParams.logit_bias
 
 
 class ProtocolError(ValueError):
