@@ -225,6 +225,14 @@ def test_stop_strings_and_stop_token_ids(client, http):
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 2
 
 
+def test_largest_seed_fans_out(client):
+    """seed 2**64 - 1 with n = 2: copy 1's seed (vLLM's seed + 1) wraps to 0 instead of
+    overflowing torch's generator (it was a 500)."""
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=4, n=2, seed=2**64 - 1)
+    zero = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=4, seed=0)
+    assert len(r.choices) == 2 and r.choices[1].text == zero.choices[0].text
+
+
 def test_seed_reproducibility(client):
     def sample(seed: int) -> str:
         r = client.completions.create(
@@ -418,6 +426,8 @@ BAD = [
         400,
     ),
     ("token id out of vocab", "/v1/completions", {"prompt": [1, 10**9]}, 400),
+    ("seed past 2**64", "/v1/completions", {"prompt": "x", "seed": 2**64}, 400),
+    ("seed below -2**63", "/v1/completions", {"prompt": "x", "seed": -(2**63) - 1}, 400),
     ("logit_bias key not a token id", "/v1/completions", {"prompt": "x", "logit_bias": {"the": 5}}, 400),
     ("logit_bias out of range", "/v1/chat/completions", {"messages": CHAT, "logit_bias": {"5": 150}}, 400),
     ("json mode", "/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400),

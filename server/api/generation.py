@@ -25,7 +25,7 @@ from server.api.context import ServerContext
 from server.api.errors import APIError
 from server.engine.output_processor import RequestState, TextDelta
 from server.engine.outputs import RequestOutput, RequestTimings
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import SamplingParams, copy_seed
 from server.frontend.prompts import Prompt
 from server.metrics import RequestTracker
 
@@ -98,7 +98,7 @@ class Generation:
                 # Seeded fan-out: each copy draws its own reproducible noise (vLLM: seed + i).
                 p = base
                 if base.seed is not None and i > 0:
-                    p = msgspec.structs.replace(base, seed=base.seed + i)
+                    p = msgspec.structs.replace(base, seed=copy_seed(base.seed, i))
                 state = RequestState(ctx.tokenizer, prompt.token_ids, p)
                 self.choices.append(Choice(index, f"{request_id}-{index}", prompt, p, state))
         self._by_id = {c.request_id: c for c in self.choices}

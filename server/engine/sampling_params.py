@@ -8,6 +8,15 @@ from __future__ import annotations
 
 import msgspec
 
+# Seeds torch's generators take (and msgpack carries): [-2**63, 2**64).
+SEED_MIN, SEED_END = -(2**63), 2**64
+
+
+def copy_seed(seed: int, i: int) -> int:
+    """The seed of copy `i` of an n > 1 request (vLLM's seed + i), wrapped into the seed range."""
+    s = seed + i
+    return s - SEED_END if s >= SEED_END else s
+
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     max_tokens: int = 16
@@ -40,6 +49,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError with a user-facing message if any field is out of range."""
+        if self.seed is not None and not SEED_MIN <= self.seed < SEED_END:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}.")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
         if self.min_tokens < 0:
