@@ -426,6 +426,10 @@ BAD = [
         400,
     ),
     ("token id out of vocab", "/v1/completions", {"prompt": [1, 10**9]}, 400),
+    ("prompt id past int64", "/v1/completions", {"prompt": [1, 2**70]}, 400),  # was a 500 (msgpack)
+    ("prompt ids as booleans", "/v1/completions", {"prompt": [True, False]}, 400),
+    ("tokenize prompt and messages", "/tokenize", {"prompt": "x", "messages": CHAT}, 400),
+    ("detokenize booleans", "/detokenize", {"tokens": [True]}, 400),
     ("seed past 2**64", "/v1/completions", {"prompt": "x", "seed": 2**64}, 400),
     ("seed below -2**63", "/v1/completions", {"prompt": "x", "seed": -(2**63) - 1}, 400),
     ("logit_bias key not a token id", "/v1/completions", {"prompt": "x", "logit_bias": {"the": 5}}, 400),

@@ -91,6 +91,8 @@ def create_app(ctx: ServerContext, lifespan: Lifespan | None = None) -> FastAPI:
     async def tokenize(body: TokenizeRequest) -> Response:
         ctx.check_model(body.model)
         try:
+            if body.messages is not None and body.prompt is not None:
+                raise ValueError("send either prompt or messages, not both.")
             if body.messages is not None:
                 prompt = chat_prompt(
                     ctx.tokenizer,

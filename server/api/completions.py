@@ -32,7 +32,7 @@ def build_generation(
     ctx.check_model(req.model)
     try:
         req.check()
-        prompts = completion_prompts(ctx.tokenizer, req.prompt)
+        prompts = completion_prompts(ctx.tokenizer, req.prompt, ctx.vocab_size)
         max_len = ctx.max_model_len
         params = [
             req.sampling_params(

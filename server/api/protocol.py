@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from server.engine.sampling_params import SamplingParams
 
@@ -139,8 +139,9 @@ def _or(value: Any, default: Any) -> Any:
 
 
 class CompletionRequest(_SamplingFields):
-    # A string, a list of strings, a list of token ids, or a list of token-id lists.
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # A string, a list of strings, a list of token ids, or a list of token-id lists (ids are
+    # strict: true / false are not token ids).
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -212,4 +213,4 @@ class TokenizeRequest(_Request):
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[StrictInt]

@@ -18,9 +18,11 @@ class Prompt(NamedTuple):
 
 
 def completion_prompts(
-    tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list[list[int]]
+    tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list[list[int]], vocab_size: int | None = None
 ) -> list[Prompt]:
-    """The completions API's `prompt`: a string, strings, token ids, or lists of token ids."""
+    """The completions API's `prompt`: a string, strings, token ids, or lists of token ids.
+    Token ids must lie in [0, vocab_size) (the served model's; unknown before a worker has
+    joined: then any id a vocabulary could hold, below 2**31)."""
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
     elif not prompt:
@@ -35,7 +37,12 @@ def completion_prompts(
             ids = tokenizer.encode(item)
             out.append(Prompt(ids, item))
         else:
-            out.append(Prompt(list(item), None))
+            ids = list(item)
+            limit = vocab_size if vocab_size is not None else 2**31
+            bad = [t for t in ids if not 0 <= t < limit]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {limit}).")
+            out.append(Prompt(ids, None))
         if not out[-1].token_ids:
             raise ValueError("prompt must contain at least one token.")
     return out
