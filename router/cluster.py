@@ -209,31 +209,39 @@ class Cluster:
         if not decoders:
             raise NoWorkerAvailable("no inference worker is ready")
         stream: RequestStream | None = None
-        for rid, prompt_token_ids, params in children:
-            hashes = PromptHashes(prompt_token_ids)
-            pool = decoders if stream is None else [self.registry.workers[stream.worker_id]]
-            d = self._decide(rid, prompt_token_ids, hashes, pool, params)
-            if stream is None:
-                stream = RequestStream(ids, d.decode_worker)
-            route = Route(rid, prompt_token_ids, params, arrival, d.decode_worker)
-            self._streams[rid] = stream
-            self._routes[rid] = route
-            self.registry.workers[d.decode_worker].inflight += 1
-            if d.prefill_worker is None:
-                local_all = params.prompt_logprobs is not None  # no prefix hits: all computed
-                self._prefill_locally(route, None if local_all else d.inputs["tokens_left"])
-            else:
-                route.stage, route.path, route.sent_at = Stage.RESERVING, "remote", self.clock()
-                self._set_prefill(route, d.prefill_worker)
-                hit_tokens = d.inputs["prefill_hit_blocks"] * d.inputs["block_size"]
-                self._charge(route, d.prefill_worker, len(prompt_token_ids) - hit_tokens)
-                self._send(
-                    route.decode,
-                    m.ReserveRemote(
-                        request_id=rid, prompt_token_ids=prompt_token_ids, params=params,
-                        lease_s=self.lease_s, grace_s=self.grace_s,
-                    ),
-                )  # fmt: skip
+        try:
+            for rid, prompt_token_ids, params in children:
+                hashes = PromptHashes(prompt_token_ids)
+                pool = decoders if stream is None else [self.registry.workers[stream.worker_id]]
+                d = self._decide(rid, prompt_token_ids, hashes, pool, params)
+                if stream is None:
+                    stream = RequestStream(ids, d.decode_worker)
+                route = Route(rid, prompt_token_ids, params, arrival, d.decode_worker)
+                self._streams[rid] = stream
+                self._routes[rid] = route
+                self.registry.workers[d.decode_worker].inflight += 1
+                if d.prefill_worker is None:
+                    local_all = params.prompt_logprobs is not None  # no prefix hits: all computed
+                    self._prefill_locally(route, None if local_all else d.inputs["tokens_left"])
+                else:
+                    route.stage, route.path, route.sent_at = Stage.RESERVING, "remote", self.clock()
+                    self._set_prefill(route, d.prefill_worker)
+                    hit_tokens = d.inputs["prefill_hit_blocks"] * d.inputs["block_size"]
+                    self._charge(route, d.prefill_worker, len(prompt_token_ids) - hit_tokens)
+                    self._send(
+                        route.decode,
+                        m.ReserveRemote(
+                            request_id=rid, prompt_token_ids=prompt_token_ids, params=params,
+                            lease_s=self.lease_s, grace_s=self.grace_s,
+                        ),
+                    )  # fmt: skip
+        except BaseException:
+            # Whatever failed (a message that cannot be encoded, a decision error), nothing of
+            # this submit may stay behind: no route, no in-flight count, no charged backlog, and
+            # a worker that already got a child aborts it.
+            if stream is not None:
+                self.abort(stream)
+            raise
         assert stream is not None
         return stream
 

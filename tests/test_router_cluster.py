@@ -455,3 +455,31 @@ def test_prefill_workers_alone_cannot_serve(tmp_path):
             assert h.cluster.admission(1, 0).status == 503
 
     run(main())
+
+
+def test_a_submit_that_fails_midway_leaves_nothing_behind(tmp_path):
+    """The second child's message cannot be encoded (a seed past msgpack's range: the API
+    rejects it first, but the router must not rely on that). Nothing of the submit stays: no
+    open request, in-flight count or backlog, and the worker that already got the first child
+    is told to abort it. (Such a failure used to leave the first child routed forever.)"""
+
+    async def main():
+        async with Harness(tmp_path) as h:
+            d = await h.join("d0", "both")
+            bad = SamplingParams(max_tokens=4, seed=2**70)
+            try:
+                h.cluster.submit([("a", SHORT, PARAMS), ("b", SHORT, bad)])
+            except OverflowError:
+                pass
+            else:
+                raise AssertionError("the unencodable child was sent")
+            info = h.cluster.registry.workers["d0"]
+            assert h.cluster.num_open_requests() == 0
+            assert (info.inflight, info.prefill_backlog) == (0, 0)
+            assert (await d.expect(m.AddRequest)).request_id == "a"
+            assert "a" in (await d.expect(m.AbortRequests)).request_ids
+            h.cluster.submit([("c", SHORT, PARAMS)])
+            assert (await d.expect(m.AddRequest)).request_id == "c"
+            assert info.inflight == 1 and h.cluster.num_open_requests() == 1
+
+    run(main())
