@@ -73,7 +73,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from server.engine.llm import LLM
     from server.engine.sampling_params import SamplingParams
 
-    llm = LLM(engine_config_from_args(args))
+    try:
+        llm = LLM(engine_config_from_args(args))
+    except (ValueError, FileNotFoundError) as e:  # the flags or the model: one line
+        sys.exit(f"pdserve: error: {e}")
     prompt = args.prompt
     ids = (llm.chat_prompt([{"role": "user", "content": prompt}]) if not args.raw
            else llm.encode(prompt))

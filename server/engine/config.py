@@ -3,6 +3,7 @@ router can build its workers' configs without loading torch)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from kvcache.sizes import parse_size
@@ -65,6 +66,8 @@ class EngineConfig:
                              f"and a generated one), got {self.max_model_len!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"{_flag('dtype')} must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"{_flag('device')} must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"{_flag('attention_backend')} must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")

