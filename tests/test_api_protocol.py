@@ -69,11 +69,14 @@ def test_completion_request_maps_to_sampling_params():
         {"prompt": "x", "logit_bias": {"49152": 1}},
         {"prompt": "x", "logit_bias": {"-1": 1}},
         {"prompt": "x", "logit_bias": {"abc": 1}},
+        {"prompt": "x", "allowed_token_ids": []},
+        {"prompt": "x", "allowed_token_ids": [49152]},
     ],
 )
 def test_out_of_range_values_raise_value_error(body):
     req = CompletionRequest.model_validate(body)
     with pytest.raises(ValueError):
+        req.check()
         req.sampling_params(max_tokens=8, logprobs=req.logprobs, vocab_size=49152)
 
 
@@ -217,6 +220,7 @@ def test_logit_bias_maps_string_ids():
         ({"guided_json": {"type": "object"}}, False),
         ({"guided_choice": ["a", "b"]}, False),
         ({"guided_regex": None}, True),  # null: not asked for
+        ({"bad_words": ["x"]}, False),
         ({"some_future_field": 1}, True),  # unknown fields are ignored, as vLLM does
     ],
 )
@@ -230,3 +234,13 @@ def test_output_constraints_this_server_cannot_honour_are_rejected(extra, ok):
         else:
             with pytest.raises(ValueError, match="not supported"):
                 req.check()
+
+
+def test_truncate_prompt_tokens_keeps_the_last_ids():
+    from server.frontend.prompts import Prompt, truncate_prompt
+
+    p = Prompt([1, 2, 3, 4], "text")
+    assert truncate_prompt(p, None) is p and truncate_prompt(p, 4) is p
+    assert truncate_prompt(p, 2) == Prompt([3, 4], None)
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"prompt": "x", "truncate_prompt_tokens": 0})

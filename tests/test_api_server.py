@@ -499,6 +499,27 @@ def test_logit_bias(client, http):
     assert forced.choices[0].message.content == detok and forced.usage.completion_tokens == 5
 
 
+def test_allowed_token_ids_and_truncate_prompt_tokens(client, http, offline):
+    """vLLM's allowed_token_ids (sampling limited to a set, greedy and sampled) and
+    truncate_prompt_tokens (only the prompt's last k tokens are computed: the same completion as
+    sending those ids, and a prompt longer than the context then fits)."""
+    for temperature in (0.0, 1.0):
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=temperature,
+                                      logprobs=0, extra_body={"allowed_token_ids": [30, 31, 32]})
+        ids = http.post("/tokenize", json={"prompt": "".join(r.choices[0].logprobs.tokens),
+                                           "add_special_tokens": False}).json()["tokens"]
+        assert r.usage.completion_tokens == 6 and set(ids) <= {30, 31, 32}, ids
+    ids = http.post("/tokenize", json={"prompt": PROMPTS[1]}).json()["tokens"]
+    cut = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=5, temperature=0,
+                                    extra_body={"truncate_prompt_tokens": 3})
+    direct = client.completions.create(model=MODEL, prompt=ids[-3:], max_tokens=5, temperature=0)
+    assert cut.usage.prompt_tokens == 3 and cut.choices[0].text == direct.choices[0].text
+    long = "hello " * (MAX_MODEL_LEN + 50)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long}], max_tokens=2,
+                                       extra_body={"truncate_prompt_tokens": 64})
+    assert r.usage.prompt_tokens == 64 and r.usage.completion_tokens == 2
+
+
 def test_unknown_fields_are_ignored(client):
     r = client.completions.create(
         model=MODEL,

@@ -376,6 +376,18 @@ def test_logit_bias_shifts_the_sampled_distribution() -> None:
                           atol=0.015)
 
 
+def test_allowed_token_ids_limit_greedy_and_sampled_rows() -> None:
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]] * 3)
+    rows = [
+        _row(temperature=0.0, allowed_token_ids=[3, 4]),
+        _row(temperature=0.0, allowed_token_ids=[4], logit_bias={0: 100.0}),  # the bias cannot undo it
+        _row(temperature=0.0),
+    ]
+    assert Sampler()(logits, rows).token_ids == [3, 4, 0]
+    tokens = _sample_many(torch.zeros(5), 4000, seed=5, allowed_token_ids=[1, 3])
+    assert set(tokens) == {1, 3} and 0.45 < tokens.count(1) / len(tokens) < 0.55
+
+
 def test_logit_bias_leaves_logprobs_raw() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     out = Sampler()(logits, [_row(temperature=0.0, logprobs=1, logit_bias={2: 100.0})])
@@ -494,7 +506,8 @@ def test_seeded_rows_match_across_devices() -> None:
     def run(device: str) -> tuple[list[int], list[float]]:
         rows = [
             _row(seed=s, top_k=50, top_p=0.9, logprobs=2, output=[1, 2], repetition_penalty=1.2,
-                 logit_bias={3: 2.0, 10 * s: -100.0, 7: 1.5 * s})
+                 logit_bias={3: 2.0, 10 * s: -100.0, 7: 1.5 * s},
+                 allowed_token_ids=list(range(0, 1000, s)))
             for s in (1, 2, 3, 4)
         ]
         out = Sampler(seed=0)(logits.to(device), rows)

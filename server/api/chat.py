@@ -19,7 +19,7 @@ from server.api.logprobs import chat_logprobs, vllm_prompt_logprobs
 from server.api.protocol import ChatCompletionRequest
 from server.api.responses import json_response
 from server.api.sse import DONE, ClientDisconnected, StreamingBody, run_until_disconnect, sse_event
-from server.frontend.prompts import chat_prompt, resolve_max_tokens
+from server.frontend.prompts import chat_prompt, resolve_max_tokens, truncate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def build_generation(
             continue_final_message=req.continue_final_message,
             template_kwargs=req.chat_template_kwargs,
         )
+        prompt = truncate_prompt(prompt, req.truncate_prompt_tokens)
         max_tokens = resolve_max_tokens(
             req.requested_max_tokens(), len(prompt.token_ids), ctx.max_model_len
         )

@@ -18,7 +18,7 @@ from server.api.logprobs import CompletionLogprobs, merge_completion_logprobs, v
 from server.api.protocol import CompletionRequest
 from server.api.responses import json_response
 from server.api.sse import DONE, ClientDisconnected, StreamingBody, run_until_disconnect, sse_event
-from server.frontend.prompts import completion_prompts, resolve_max_tokens
+from server.frontend.prompts import completion_prompts, resolve_max_tokens, truncate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ def build_generation(
     ctx.check_model(req.model)
     try:
         req.check()
-        prompts = completion_prompts(ctx.tokenizer, req.prompt, ctx.vocab_size)
+        prompts = [truncate_prompt(p, req.truncate_prompt_tokens)
+                   for p in completion_prompts(ctx.tokenizer, req.prompt, ctx.vocab_size)]
         max_len = ctx.max_model_len
         params = [
             req.sampling_params(

@@ -21,7 +21,7 @@ MAX_N = 128
 # Fields (OpenAI's or vLLM's) that constrain the output in ways this server does not implement:
 # a 400, not silence. `response_format` and `tools` have allowed values, checked in `check`.
 UNSUPPORTED = ("functions", "function_call", "guided_json", "guided_regex", "guided_choice",
-               "guided_grammar", "structured_outputs")
+               "guided_grammar", "structured_outputs", "bad_words")
 
 
 class _Request(BaseModel):
@@ -63,6 +63,10 @@ class _SamplingFields(_Request):
     prompt_logprobs: int | None = None
     # OpenAI: token id (as a JSON object key, a string) -> bias in [-100, 100]
     logit_bias: dict[str, float] | None = None
+    # vLLM's: sample only from these token ids
+    allowed_token_ids: list[StrictInt] | None = None
+    # vLLM's: keep only the prompt's last k tokens (after the chat template)
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -75,11 +79,13 @@ class _SamplingFields(_Request):
             raise ValueError("stream_options may only be set when stream is true.")
         if self.prompt_logprobs is not None and self.stream:
             raise ValueError("prompt_logprobs are not available when stream is true.")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty (leave it out to allow every token).")
         unsupported = [f for f in UNSUPPORTED if (self.model_extra or {}).get(f) is not None]
         if unsupported:
             raise ValueError(f"{unsupported[0]} is not supported: this server has no guided "
-                             "decoding or tool-call parsing, and ignoring it would return output "
-                             "that does not follow it.")
+                             "decoding, bad-words filter or tool-call parsing, and ignoring it "
+                             "would return output that does not follow it.")
         fmt = (self.model_extra or {}).get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise ValueError("response_format is not supported (only {\"type\": \"text\"}): this "
@@ -129,6 +135,7 @@ class _SamplingFields(_Request):
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=self.logit_bias_ids(),
+            allowed_token_ids=list(self.allowed_token_ids or []),
         )
         p.validate(vocab_size)
         return p

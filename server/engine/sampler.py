@@ -3,7 +3,8 @@
 Pipeline; each step runs only when some row of the batch needs it, so an all-greedy batch with no
 penalties costs one argmax:
 
-  0. logit_bias: each row's biases added to their tokens' logits.
+  0. allowed_token_ids: every other token -> -inf; then logit_bias: each row's biases added
+     to their tokens' logits.
   1. min_tokens: EOS and stop token ids -> -inf until the row has generated min_tokens tokens.
   2. penalties: repetition (HF/CTRL, over prompt + output tokens), then frequency and presence
      (OpenAI, over output tokens).
@@ -124,6 +125,7 @@ class Sampler:
         # `.float()` aliases float32 input: every op below is out-of-place so the caller's logits
         # (also needed raw for logprobs) are never modified.
         x = logits.float()
+        x = _keep_allowed_tokens(x, rows)
         x = _apply_logit_bias(x, rows)
         x = _mask_until_min_tokens(x, rows)
         x = _apply_penalties(x, rows)
@@ -234,6 +236,22 @@ class Sampler:
 def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """Per-row scalars as a [len(values), 1] float32 column, to broadcast over [N, V]."""
     return device_tensor(values, torch.float32, device).unsqueeze(1)
+
+
+def _keep_allowed_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """-inf for every token outside a row's allowed_token_ids (rows without: untouched).
+    x: [N, V] float32, not modified."""
+    limited = [i for i, row in enumerate(rows) if row.params.allowed_token_ids]
+    if not limited:
+        return x
+    keep = torch.ones_like(x, dtype=torch.bool)
+    rows_idx = device_tensor(limited, torch.int64, x.device)
+    keep.index_fill_(0, rows_idx, False)
+    row_idx = [i for i in limited for _ in rows[i].params.allowed_token_ids]
+    col_idx = [t for i in limited for t in rows[i].params.allowed_token_ids]
+    index = (device_tensor(row_idx, torch.int64, x.device), device_tensor(col_idx, torch.int64, x.device))
+    keep.index_put_(index, torch.ones((), dtype=torch.bool, device=x.device))
+    return x.masked_fill(~keep, float("-inf"))
 
 
 def _apply_logit_bias(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -42,6 +42,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # token id -> added to its logit before sampling (OpenAI's logit_bias: -100 bans, +100
     # forces). The returned logprobs stay those of the raw logits, as every other adjustment.
     logit_bias: dict[int, float] = {}
+    # vLLM's: only these token ids may be sampled (empty: any). Logprobs stay the raw logits'.
+    allowed_token_ids: list[int] = []
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +95,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             if bad:
                 raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size}).")
+            bad = [t for t in self.allowed_token_ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"allowed_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
             bad = [t for t in self.logit_bias if not 0 <= t < vocab_size]
             if bad:
                 raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}).")

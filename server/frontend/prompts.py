@@ -48,6 +48,14 @@ def completion_prompts(
     return out
 
 
+def truncate_prompt(prompt: Prompt, keep: int | None) -> Prompt:
+    """vLLM's truncate_prompt_tokens: only the last `keep` token ids (None: all). A cut prompt
+    no longer has the client's text (echo decodes its ids)."""
+    if keep is None or len(prompt.token_ids) <= keep:
+        return prompt
+    return Prompt(prompt.token_ids[-keep:], None)
+
+
 def chat_prompt(
     tokenizer: Tokenizer,
     messages: Sequence[Mapping[str, Any]],

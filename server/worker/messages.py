@@ -53,7 +53,7 @@ from kvcache.transfer.base import KVEndpoint
 from server.engine.outputs import EngineStats, RequestOutput
 from server.engine.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 4  # 4: SamplingParams.logit_bias
+PROTOCOL_VERSION = 5  # 4: SamplingParams.logit_bias; 5: .allowed_token_ids
 
 
 class ProtocolError(ValueError):
