@@ -87,5 +87,8 @@ MAX_NUM_SEQS = 65535
 
 
 def _flag(name: str) -> str:
+    """The field's name and its command-line flag (fields without one: the name alone)."""
+    if name == "long_prefill_token_threshold":  # the Python API's only
+        return name
     flag = "--worker-threads" if name == "num_threads" else "--" + name.replace("_", "-")
     return f"{name} ({flag})"
