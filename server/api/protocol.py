@@ -4,7 +4,8 @@ Field names, defaults and ranges follow the OpenAI API plus vLLM's extras (top_k
 repetition_penalty, stop_token_ids, ignore_eos, min_tokens, ...). Unknown fields are accepted
 and ignored, as vLLM does (`unknown_fields()` lists them so the handler can log them at debug
 level), except those that would constrain the output in ways this server does not implement
-(guided decoding, tool calls: `UNSUPPORTED`, `response_format`, `tools`): those are a 400. Type errors are pydantic's (HTTP 400 via `server/api/errors.py`); range errors are
+(guided decoding, tool calls: `UNSUPPORTED`, `response_format`, `tools`): those are a 400.
+Type errors are pydantic's (HTTP 400 via `server/api/errors.py`); range errors are
 `SamplingParams.validate`'s, in one place.
 """
 
@@ -81,17 +82,17 @@ class _SamplingFields(_Request):
             raise ValueError("prompt_logprobs are not available when stream is true.")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise ValueError("allowed_token_ids must not be empty (leave it out to allow every token).")
-        unsupported = [f for f in UNSUPPORTED if (self.model_extra or {}).get(f) is not None]
+        extra = self.model_extra or {}
+        unsupported = [f for f in UNSUPPORTED if extra.get(f) is not None]
         if unsupported:
             raise ValueError(f"{unsupported[0]} is not supported: this server has no guided "
                              "decoding, bad-words filter or tool-call parsing, and ignoring it "
                              "would return output that does not follow it.")
-        fmt = (self.model_extra or {}).get("response_format")
+        fmt = extra.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise ValueError("response_format is not supported (only {\"type\": \"text\"}): this "
                              "server has no guided decoding.")
-        tool_choice = (self.model_extra or {}).get("tool_choice")
-        if (self.model_extra or {}).get("tools") and tool_choice != "none":
+        if extra.get("tools") and extra.get("tool_choice") != "none":
             raise ValueError("tools are not supported (only with tool_choice \"none\"): this server "
                              "does not parse tool calls.")
 
