@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import zmq
 import zmq.asyncio
@@ -344,7 +345,9 @@ class Cluster:
                 if w.role != "decode" and self._usable_prefill(w.worker_id, route.decode)
             ]
             always = dataclasses.replace(self.disagg, mode="always")
-            block_size = self.registry.workers[route.decode].hello.block_size
+            hello = self.registry.workers[route.decode].hello
+            assert hello is not None  # a worker that reserved blocks has said Hello
+            block_size = hello.block_size
             p = decide(
                 len(route.prompt_token_ids), block_size, d, ps, always, self.rng
             ).prefill_worker
@@ -441,13 +444,14 @@ class Cluster:
 
     def _send(self, worker_id: str, msg: m._Message) -> None:
         assert self._sock is not None
-        fut = self._sock.send_multipart([worker_id.encode(), m.encode(msg)], copy=False)
+        # zmq.asyncio sends return asyncio Futures (typed as bare Awaitables)
+        fut = cast(asyncio.Future, self._sock.send_multipart([worker_id.encode(), m.encode(msg)], copy=False))
         if not fut.done():  # only when the socket is momentarily busy; keep it referenced
             self._pending_sends.add(fut)
             fut.add_done_callback(self._pending_sends.discard)
-        fut.add_done_callback(lambda f, wid=worker_id: self._on_sent(f, wid))
+        fut.add_done_callback(functools.partial(self._on_sent, worker_id=worker_id))
 
-    def _on_sent(self, fut: asyncio.Future, worker_id: str) -> None:
+    def _on_sent(self, fut: asyncio.Future, *, worker_id: str) -> None:
         if fut.cancelled():
             return
         exc = fut.exception()
@@ -660,9 +664,9 @@ class Cluster:
                     self._fail_worker(wid, f"process {proc.pid} exited with code {code}")
             for wid, reason in self.registry.silent(self.heartbeat_timeout, self.start_timeout):
                 self._fail_worker(wid, reason)
-                proc = self.processes.get(wid)
-                if proc is not None and proc.exit_code() is None:
-                    proc.process.kill()  # hung: make sure it cannot come back half-alive
+                hung = self.processes.get(wid)
+                if hung is not None and hung.exit_code() is None:
+                    hung.process.kill()  # hung: make sure it cannot come back half-alive
 
     def _fail_worker(self, worker_id: str, reason: str) -> None:
         info = self.registry.workers.get(worker_id)

@@ -128,6 +128,7 @@ class NixlConnector(KVConnector):
             if p.handle is None:
                 done.append(SendResult(p.request_id, p.peer_id, True, 0, 0, now() - p.t0))
                 continue
+            err: str | None
             try:
                 state = self.agent.check_xfer_state(p.handle)
             except Exception as e:  # noqa: BLE001

@@ -53,7 +53,7 @@ class ZmqConnector(KVConnector):
         self, worker_id: str, kv_cache: torch.Tensor, layout: KVLayout, host: str = "127.0.0.1"
     ) -> None:
         super().__init__(worker_id, kv_cache, layout)
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context = zmq.Context.instance()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         port = self.pull.bind_to_random_port(f"tcp://{host}")
@@ -103,13 +103,10 @@ class ZmqConnector(KVConnector):
             ).cpu()
             frames, off = [], 0
             for r in regions:
-                frames.append(memoryview(staging[off : off + r.nbytes].numpy()))
+                frames.append(staging[off : off + r.nbytes].numpy().data)
                 off += r.nbytes
         else:
-            frames = [
-                memoryview(self._bytes[r.src_offset : r.src_offset + r.nbytes].numpy())
-                for r in regions
-            ]
+            frames = [self._bytes[r.src_offset : r.src_offset + r.nbytes].numpy().data for r in regions]
         header = msgspec.msgpack.encode([(r.dst_offset, r.nbytes) for r in regions])
         notice = NOTICE.encode(_Notice(CONNECTOR_VERSION, request_id, self.worker_id, payload))
         try:
@@ -150,7 +147,7 @@ class ZmqConnector(KVConnector):
         return done
 
     def poll_received(self, accept: Callable[[str], bool] | None = None) -> list[Arrival]:
-        arrivals = []
+        arrivals: list[Arrival] = []
         while True:
             try:
                 frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)

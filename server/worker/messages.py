@@ -44,7 +44,7 @@ D streams StepOutputs as for any request.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Union, cast
 
 import msgspec
 
@@ -287,5 +287,15 @@ class _Decoder:
         return msg
 
 
-decode_worker_message = _Decoder(WorkerMessage)
-decode_router_message = _Decoder(RouterMessage)
+_decode_worker = _Decoder(WorkerMessage)
+_decode_router = _Decoder(RouterMessage)
+
+
+def decode_worker_message(frame: bytes) -> WorkerMessage:
+    """A worker -> router frame; ProtocolError for another version or a malformed frame."""
+    return cast(WorkerMessage, _decode_worker(frame))
+
+
+def decode_router_message(frame: bytes) -> RouterMessage:
+    """A router -> worker frame; ProtocolError for another version or a malformed frame."""
+    return cast(RouterMessage, _decode_router(frame))
