@@ -92,12 +92,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         if bad_bias:
             raise ValueError(f"logit_bias values must be in [-100, 100], got {bad_bias[:5]}.")
         if vocab_size is not None:
-            bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-            if bad:
-                raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size}).")
-            bad = [t for t in self.allowed_token_ids if not 0 <= t < vocab_size]
-            if bad:
-                raise ValueError(f"allowed_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
-            bad = [t for t in self.logit_bias if not 0 <= t < vocab_size]
-            if bad:
-                raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
+            for what, ids in (("stop_token_ids", self.stop_token_ids),
+                              ("allowed_token_ids", self.allowed_token_ids),
+                              ("logit_bias token ids", self.logit_bias)):  # fmt: skip
+                bad = [t for t in ids if not 0 <= t < vocab_size]
+                if bad:
+                    raise ValueError(f"{what} {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
