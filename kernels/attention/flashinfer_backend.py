@@ -32,7 +32,6 @@ import torch
 
 from kernels.attention import decode_tune
 from kernels.attention.base import AttentionBackend, AttentionMetadata
-from kernels.attention.decode_tune import tile_for
 from kernels.attention.split_kv_decode import SplitKVDecode
 
 WORKSPACE_BYTES = 256 << 20
@@ -161,7 +160,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.metadata = m
         self._fused_decode = self._split_kv is not None and self._split_kv.applies(m)
         pure_decode = not self._fused_decode and m.num_decode_seqs == m.num_seqs == m.num_tokens
-        self._tile = tile_for(m.num_seqs, self._triton_lo, self._triton_hi, self._triton_tile,
+        self._tile = decode_tune.tile_for(m.num_seqs, self._triton_lo, self._triton_hi, self._triton_tile,
                               self._triton_tuned) if pure_decode else None
         self._triton_decode = self._tile is not None
         if self._fused_decode or self._triton_decode:

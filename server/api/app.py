@@ -27,6 +27,7 @@ from server.api.protocol import (
     TokenizeRequest,
 )
 from server.api.responses import json_response
+from server.engine.sampling_params import check_token_ids
 from server.frontend.prompts import chat_prompt
 from server.metrics import WorkerSample
 
@@ -124,12 +125,10 @@ def create_app(ctx: ServerContext, lifespan: Lifespan | None = None) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Response:
         ctx.check_model(body.model)
-        vocab = ctx.vocab_size or ctx.tokenizer.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(
-                400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab}).", param="tokens"
-            )
+        try:
+            check_token_ids("token ids", body.tokens, ctx.vocab_size or ctx.tokenizer.vocab_size)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tokens") from None
         return json_response({"prompt": ctx.tokenizer.decode(body.tokens)})
 
     # Outermost first: count every response, including 401s.

@@ -28,7 +28,7 @@ from server.engine.piecewise_graphs import PiecewiseGraphRunner
 from server.engine.prompt_logprobs import logit_slice_rows
 from server.engine.request import Request
 from server.engine.sampler import Sampler
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import SamplingParams, check_token_ids
 from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
 from server.models.loader import load_model
 
@@ -264,9 +264,7 @@ class EngineCore:
                 f"the prompt has {n} tokens, but this model's context is {self.max_model_len} "
                 "tokens (prompt plus at least one generated token must fit)"
             )
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        check_token_ids("prompt token ids", prompt_token_ids, self.vocab_size)
         return Request(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids, time.monotonic())
 
     def reserve_remote(

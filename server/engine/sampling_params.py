@@ -6,6 +6,8 @@ Validation lives here, once: the API layer turns a `ValueError` from `validate()
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
 # Seeds torch's generators take (and msgpack carries): [-2**63, 2**64).
@@ -16,6 +18,14 @@ def copy_seed(seed: int, i: int) -> int:
     """The seed of copy `i` of an n > 1 request (vLLM's seed + i), wrapped into the seed range."""
     s = seed + i
     return s - SEED_END if s >= SEED_END else s
+
+
+def check_token_ids(what: str, ids: Iterable[int], vocab_size: int) -> None:
+    """ValueError naming up to five of `ids` outside [0, vocab_size): the one vocabulary check
+    of the API, the engine and these parameters."""
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{what} {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -92,9 +102,6 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         if bad_bias:
             raise ValueError(f"logit_bias values must be in [-100, 100], got {bad_bias[:5]}.")
         if vocab_size is not None:
-            for what, ids in (("stop_token_ids", self.stop_token_ids),
-                              ("allowed_token_ids", self.allowed_token_ids),
-                              ("logit_bias token ids", self.logit_bias)):  # fmt: skip
-                bad = [t for t in ids if not 0 <= t < vocab_size]
-                if bad:
-                    raise ValueError(f"{what} {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
+            check_token_ids("stop_token_ids", self.stop_token_ids, vocab_size)
+            check_token_ids("allowed_token_ids", self.allowed_token_ids, vocab_size)
+            check_token_ids("logit_bias token ids", self.logit_bias, vocab_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+from server.engine.sampling_params import check_token_ids
 from server.models.tokenizer import Tokenizer
 
 
@@ -38,10 +39,7 @@ def completion_prompts(
             out.append(Prompt(ids, item))
         else:
             ids = list(item)
-            limit = vocab_size if vocab_size is not None else 2**31
-            bad = [t for t in ids if not 0 <= t < limit]
-            if bad:
-                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {limit}).")
+            check_token_ids("prompt token ids", ids, vocab_size if vocab_size is not None else 2**31)
             out.append(Prompt(ids, None))
         if not out[-1].token_ids:
             raise ValueError("prompt must contain at least one token.")
