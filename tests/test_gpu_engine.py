@@ -351,7 +351,7 @@ def test_chunked_prefill_logits_match_hf(llm, hf):
             logits[i].append(out[starts[i] : starts[i + 1]])
     errs, agree, total = [], 0, 0
     for p, parts in zip(ps, logits, strict=True):
-        ours = torch.cat(parts)
+        ours = torch.cat(parts).float()
         ref = hf(torch.tensor([p], device=DEV)).logits[0].float()
         errs.append(((ours - ref).norm() / ref.norm()).item())
         agree += (ours.argmax(-1) == ref.argmax(-1)).sum().item()

@@ -71,6 +71,40 @@ def test_sampler_does_not_modify_logits() -> None:
     assert torch.equal(logits, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_dtype_logits_sample_as_their_float32_widening(dtype: torch.dtype) -> None:
+    """The engine hands the sampler logits in the model's dtype; every step (allowed ids,
+    logit_bias, min_tokens, penalties, temperature / top-k / top-p / min-p, logprobs) gives what
+    it gives on their exact float32 widening, and the caller's tensor is left as it was."""
+    logits = (torch.randn(7, 64, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    before = logits.clone()
+
+    def rows() -> list[SamplingRow]:
+        return [
+            _row(temperature=0.0, logprobs=3),
+            _row(temperature=0.0, allowed_token_ids=[3, 9, 40]),
+            _row(temperature=0.0, logit_bias={5: 100.0}),
+            _row(temperature=0.0, min_tokens=2, eos=frozenset({int(logits[3].float().argmax())})),
+            _row(temperature=0.0, output=[int(logits[4].float().argmax())], repetition_penalty=3.0),
+            _row(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05, seed=7, logprobs=2),
+            _row(temperature=1.0, seed=8),
+        ]
+
+    got = Sampler(seed=0)(logits, rows())
+    want = Sampler(seed=0)(logits.float(), rows())
+    assert got == want
+    assert torch.equal(logits, before) and logits.dtype == dtype
+    # each row's own step acted (not a batch where every step was a no-op)
+    assert got.token_ids[1] in (3, 9, 40) and got.token_ids[2] == 5
+    assert got.token_ids[3] != int(logits[3].float().argmax())
+    assert got.token_ids[4] != int(logits[4].float().argmax())
+    # many plain temperature-1 draws (the same noise both ways): probabilities computed in
+    # bfloat16 flip 7 of these 16384 draws
+    many = logits[5:6].expand(16384, -1)
+    plain = [_row(temperature=1.0)] * 16384
+    assert Sampler(seed=3)(many, plain) == Sampler(seed=3)(many.float(), plain)
+
+
 def test_empty_batch_and_shape_mismatch() -> None:
     out = Sampler()(torch.empty(0, 10), [])
     assert out.token_ids == [] and out.logprobs == []

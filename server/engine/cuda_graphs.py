@@ -2,10 +2,11 @@
 inputs copied into static buffers, so a decode step costs one H2D copy, a few tiny copies, the
 backend's plan and one graph launch instead of ~15 kernel launches per layer.
 
-- A graph runs the whole forward pass up to float32 logits (`model.forward_logits`: the
-  layers, the final norm, lm_head), so the sampler's kernels follow the replay directly; at
-  batch 1 the norm runs inside lm_head's fused GEMV, launched as the last layer's dependent.
-  The logits buffers stay allocated: sum(buckets) x vocab x 4 bytes (`output_bytes`).
+- A graph runs the whole forward pass up to the logits, in the model's dtype
+  (`model.forward_logits`: the layers, the final norm, lm_head), so the sampler's kernels follow
+  the replay directly; at batch 1 the norm runs inside lm_head's fused GEMV, launched as the last
+  layer's dependent. The logits buffers stay allocated: sum(buckets) x vocab x the dtype's size
+  (`output_bytes`).
 
 - Buckets 1, 2, 4, ..., up to max_num_seqs (which is itself a bucket). A batch of n sequences
   runs in the smallest bucket >= n; rows n..bucket-1 are padding: token 0 at position 0, slot -1
@@ -112,10 +113,10 @@ class CudaGraphRunner:
         self._pool = None
 
     @staticmethod
-    def output_bytes(max_num_seqs: int, vocab_size: int) -> int:
-        """Device memory the captured graphs' logits outputs keep (the rest of their activations
-        share one pool with the largest graph's)."""
-        return sum(bucket_sizes(max_num_seqs)) * vocab_size * 4
+    def output_bytes(max_num_seqs: int, vocab_size: int, dtype: torch.dtype) -> int:
+        """Device memory the captured graphs' logits outputs (in the model's `dtype`) keep; the
+        rest of their activations share one pool with the largest graph's."""
+        return sum(bucket_sizes(max_num_seqs)) * vocab_size * dtype.itemsize
 
     def bucket(self, n: int) -> int:
         for b in self.sizes:
@@ -228,8 +229,8 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def replay(self, staged: StagedDecode) -> torch.Tensor:
-        """Replay a staged batch; returns float32 logits [n, vocab] (a view of the graph's output
-        buffer, valid until the next replay of that graph)."""
+        """Replay a staged batch; returns logits [n, vocab] in the model's dtype (a view of the
+        graph's output buffer, valid until the next replay of that graph)."""
         graph, out = self._graphs[staged.bucket]
         graph.replay()
         return out[: staged.num_seqs]

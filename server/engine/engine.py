@@ -111,7 +111,7 @@ class EngineCore:
         if not (use_graphs and backend_cls.supports_piecewise_graphs):
             piecewise_tokens = 0
         if on_cuda and config.gpu_memory_utilization > 0:
-            reserve = CudaGraphRunner.output_bytes(graph_sizes, cfg.vocab_size) if use_graphs else 0
+            reserve = CudaGraphRunner.output_bytes(graph_sizes, cfg.vocab_size, self.dtype) if use_graphs else 0
             if piecewise_tokens:
                 reserve += PiecewiseGraphRunner.reserve_bytes(self.model, piecewise_tokens)
             budget = profile_kv_cache_bytes(

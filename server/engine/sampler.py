@@ -13,7 +13,10 @@ penalties costs one argmax:
      argmax(probs / E) with E ~ Exp(1) i.i.d., an exact draw from probs (as in gpt-fast).
   5. logprobs: from the log_softmax of the RAW logits (vLLM v1's default).
 
-All math is float32 on the logits' device; results reach the host in one device->host copy, queued at launch.
+All math is float32 on the logits' device (the logits come in the model's dtype: each step that
+changes them works on a float32 copy, and an all-greedy batch with no processing takes the argmax
+of the logits as they are, which a widening cast cannot change); results reach the host in one
+device->host copy, queued at launch.
 `launch` queues the device work and returns at once (the few host->device copies of per-row
 parameters are pinned and non-blocking), `PendingSample.result()` is the step's one sync: the
 engine prepares its next step in between.
@@ -122,10 +125,10 @@ class Sampler:
         if n == 0:
             return PendingSample(logits, torch.empty(0, dtype=torch.int64, device=logits.device), rows)
 
-        # `.float()` aliases float32 input: every op below is out-of-place so the caller's logits
-        # (also needed raw for logprobs) are never modified.
-        x = logits.float()
-        x = _keep_allowed_tokens(x, rows)
+        # Every step below is out-of-place, so the caller's logits (also needed raw for logprobs)
+        # are never modified; a step that acts widens them to float32 first (`.float()` aliases
+        # float32 input), one that does not returns them as they are.
+        x = _keep_allowed_tokens(logits, rows)
         x = _apply_logit_bias(x, rows)
         x = _mask_until_min_tokens(x, rows)
         x = _apply_penalties(x, rows)
@@ -143,7 +146,8 @@ class Sampler:
         return PendingSample(logits, tokens, rows)
 
     def _sample(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """x: [M, V] float32 penalized logits of non-greedy rows -> [M] int64 token ids."""
+        """x: [M, V] penalized logits of non-greedy rows (any float dtype) -> [M] int64 token ids."""
+        x = x.float()
         vocab = x.shape[1]
         device = x.device
 
@@ -240,10 +244,11 @@ def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
 
 def _keep_allowed_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """-inf for every token outside a row's allowed_token_ids (rows without: untouched).
-    x: [N, V] float32, not modified."""
+    x: [N, V], not modified; the result is float32 unless x is returned as it is."""
     limited = [i for i, row in enumerate(rows) if row.params.allowed_token_ids]
     if not limited:
         return x
+    x = x.float()
     keep = torch.ones_like(x, dtype=torch.bool)
     rows_idx = device_tensor(limited, torch.int64, x.device)
     keep.index_fill_(0, rows_idx, False)
@@ -255,7 +260,8 @@ def _keep_allowed_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
 
 
 def _apply_logit_bias(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Add each row's logit_bias to its tokens' logits. x: [N, V] float32, not modified."""
+    """Add each row's logit_bias to its tokens' logits. x: [N, V], not modified; the result is
+    float32 unless x is returned as it is."""
     row_idx: list[int] = []
     col_idx: list[int] = []
     bias: list[float] = []
@@ -267,11 +273,12 @@ def _apply_logit_bias(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Ten
     if not row_idx:
         return x
     index = (device_tensor(row_idx, torch.int64, x.device), device_tensor(col_idx, torch.int64, x.device))
-    return x.index_put(index, device_tensor(bias, torch.float32, x.device), accumulate=True)
+    return x.float().index_put(index, device_tensor(bias, torch.float32, x.device), accumulate=True)
 
 
 def _mask_until_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Set EOS and stop token ids to -inf in rows below min_tokens. x: [N, V] float32.
+    """Set EOS and stop token ids to -inf in rows below min_tokens. x: [N, V], not modified; the
+    result is float32 unless x is returned as it is.
 
     ignore_eos does not lift this (it only means "do not stop on EOS"), as in vLLM.
     """
@@ -291,11 +298,12 @@ def _mask_until_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torc
     if not row_idx:
         return x
     index = (device_tensor(row_idx, torch.int64, x.device), device_tensor(col_idx, torch.int64, x.device))
-    return x.index_put(index, torch.full((), float("-inf"), device=x.device))
+    return x.float().index_put(index, torch.full((), float("-inf"), device=x.device))
 
 
 def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Repetition, then frequency and presence penalties. x: [N, V] float32 -> [N, V] float32."""
+    """Repetition, then frequency and presence penalties. x: [N, V], not modified -> [N, V]
+    float32 (x itself where no row is penalized)."""
     repetition = [row.params.repetition_penalty for row in rows]
     frequency = [row.params.frequency_penalty for row in rows]
     presence = [row.params.presence_penalty for row in rows]
@@ -305,6 +313,7 @@ def _apply_penalties(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tens
     ]
     if not any(penalized):
         return x
+    x = x.float()
     vocab = x.shape[1]
     device = x.device
 

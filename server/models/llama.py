@@ -153,21 +153,22 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         """Every row's logits: compute_logits(forward(...)), what the decode CUDA graphs capture.
-        A one-row batch on the fused path runs the final norm inside lm_head's GEMV, which
-        stores float32 itself: one kernel after the last layer, not three."""
+        A one-row batch on the fused path runs the final norm inside lm_head's GEMV: one kernel
+        after the last layer, not two."""
         x, residual = self._layers(input_ids, positions, attn)
         if residual is None and ops.fuses_linears(x):
-            return ops.fused_linear(x, self.lm_head.weight, norm_weight=self.norm.weight,
-                                    eps=self.norm.eps, out_dtype=torch.float32)
+            return ops.fused_linear(x, self.lm_head.weight, norm_weight=self.norm.weight, eps=self.norm.eps)
         return self.compute_logits(self.norm(x, residual)[0])
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] (normed) -> logits [N, vocab] float32 (rounded to the model's
-        dtype first, as the linear layer rounds; one-row batches use the fused GEMV)."""
+        """hidden [N, hidden] (normed) -> logits [N, vocab] in the model's dtype, as the linear
+        layer rounds them (one-row batches use the fused GEMV). Not widened here: the sampler
+        widens only what it changes, and a float32 copy of a batch-128 Llama-3 lm_head output
+        costs a 66 MB write per step (and the decode graphs' output buffers twice the memory)."""
         if ops.fuses_linears(hidden):
-            return ops.fused_linear(hidden, self.lm_head.weight, out_dtype=torch.float32)
-        return self.lm_head(hidden).float()
+            return ops.fused_linear(hidden, self.lm_head.weight)
+        return self.lm_head(hidden)
 
     # -- weights ---------------------------------------------------------------------------
 
