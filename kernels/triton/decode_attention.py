@@ -183,6 +183,11 @@ def _fused_decode_kernel(
             tl.store(dst, k_new, mask=d_ok)
             tl.store(dst + stride_kv, v_new, mask=d_ok)
 
+    if NUM_SPLITS == 1:  # nothing to merge: normalise and store (large batches fill the GPU)
+        o_ptr = Out + seq64 * stride_ot + head[:, None] * D + d[None, :]
+        tl.store(o_ptr, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=qm)
+        return
+
     # -- partials, then the arrival counter; the last program to arrive merges
     pair = seq64 * HKV + kvh
     idx = (pair * NUM_SPLITS + split) * GROUP + rows
@@ -284,6 +289,7 @@ def fused_decode_attention(
     workspace: SplitKVWorkspace,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Decode attention (one new token per sequence) with RoPE and the K/V store fused in.
 
@@ -294,6 +300,8 @@ def fused_decode_attention(
     (keys [0, seq_len - 1) are read from the cache, the new one from k/v). q and the cache must
     share a dtype. S <= workspace.max_seqs. num_splits: None = `workspace.splits_for(S)`.
     out: None or [S, Hq * D] with unit stride along a row. Returns out [S, Hq * D] in q's dtype.
+    config: (BLOCK_N keys a step, num_warps, num_stages); None: (32, 4, 3). One split writes
+    the output directly (no partials, no merge).
     No host sync and no allocation but `out`: graph-safe for any seq_lens."""
     s, hq, d = q.shape
     hkv = kv_layer.shape[3]
@@ -314,6 +322,7 @@ def fused_decode_attention(
         out = torch.empty((s, hq * d), dtype=q.dtype, device=q.device)
     elif out.shape != (s, hq * d) or out.stride(-1) != 1:
         raise ValueError(f"out must be [{s}, {hq * d}] with unit row stride")
+    block_n, warps, stages = config if config is not None else (BLOCK_N, 4, 3)
     if s:
         pdl = q.is_cuda and pdl_enabled()
         gp2, ns_p2 = triton.next_power_of_2(workspace.group), triton.next_power_of_2(splits)
@@ -326,9 +335,9 @@ def fused_decode_attention(
             block_tables.stride(0), out.stride(0),
             PAGE=kv_layer.shape[2], HKV=hkv, GROUP=workspace.group,
             ROWS=max(16, triton.next_power_of_2(workspace.group)),
-            NUM_SPLITS=splits, BLOCK_N=BLOCK_N, D=d, D_P2=workspace.d_p2,
+            NUM_SPLITS=splits, BLOCK_N=block_n, D=d, D_P2=workspace.d_p2,
             GROUP_P2=gp2, MERGE_P=min(ns_p2, max(1, 64 // gp2)),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-            PDL=pdl, num_warps=4, launch_pdl=pdl,
+            PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl,
         )  # fmt: skip
     return out
