@@ -120,7 +120,7 @@ def _time_size(backend, b: int, ctx: int, kernels: list[DecodeKernel],
         if kern.fused:
             return fused_decode_attention(q, k, v, positions, cos, sin, cache[:, i], slots, tables, seq_lens,
                                           backend.scale, backend.unsplit_workspace(), num_splits=1,
-                                          out=out, config=kern.tile)  # fmt: skip
+                                          out=out, config=kern.tile, pdl=False)  # fmt: skip
         return paged_attention(rope(i), cache[:, i], tables, seq_lens, qsl, 1, backend.scale,
                                out=out.view(b, hq, d), config=kern.tile)  # fmt: skip
 

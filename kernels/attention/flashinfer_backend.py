@@ -295,6 +295,6 @@ class FlashInferAttentionBackend(AttentionBackend):
 
             return fused_decode_attention(q, k, v, positions, rope.cos, rope.sin, view, m.slot_mapping,
                                           m.block_tables, m.seq_lens, self.scale, self.unsplit_workspace(),
-                                          num_splits=1, config=self._tile)  # fmt: skip
+                                          num_splits=1, config=self._tile, pdl=False)  # fmt: skip
         q = self._rope_store(q, k, v, positions, rope.cos, rope.sin, view, m.slot_mapping)
         return self._attend_triton(q, view) if self._triton_decode else self._attend(q, view)

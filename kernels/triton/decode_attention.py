@@ -290,6 +290,7 @@ def fused_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     config: tuple[int, int, int] | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention (one new token per sequence) with RoPE and the K/V store fused in.
 
@@ -301,7 +302,10 @@ def fused_decode_attention(
     share a dtype. S <= workspace.max_seqs. num_splits: None = `workspace.splits_for(S)`.
     out: None or [S, Hq * D] with unit stride along a row. Returns out [S, Hq * D] in q's dtype.
     config: (BLOCK_N keys a step, num_warps, num_stages); None: (32, 4, 3). One split writes
-    the output directly (no partials, no merge).
+    the output directly (no partials, no merge). pdl: launch as a programmatic dependent (sm90+);
+    None: where `pdl_enabled`. Worth it only after a kernel that lets its dependents launch
+    early (the batch-1 GEMVs): timed back to back, launches overlap each other's prologue,
+    which they never do after a cuBLAS GEMM.
     No host sync and no allocation but `out`: graph-safe for any seq_lens."""
     s, hq, d = q.shape
     hkv = kv_layer.shape[3]
@@ -324,7 +328,7 @@ def fused_decode_attention(
         raise ValueError(f"out must be [{s}, {hq * d}] with unit row stride")
     block_n, warps, stages = config if config is not None else (BLOCK_N, 4, 3)
     if s:
-        pdl = q.is_cuda and pdl_enabled()
+        pdl = q.is_cuda and (pdl_enabled() if pdl is None else pdl)
         gp2, ns_p2 = triton.next_power_of_2(workspace.group), triton.next_power_of_2(splits)
         _fused_decode_kernel[(s, hkv, splits)](
             q, k, v, positions, cos, sin, kv_layer, slot_mapping, block_tables, seq_lens, out,
