@@ -70,7 +70,7 @@ class FusedDecode:
         m = self.meta
         return fused_decode_attention(q, k, v, positions, rope.cos, rope.sin, self.cache[:, layer], m.slot_mapping,
                                       m.block_tables, m.seq_lens, D**-0.5, self.ws, num_splits=self.splits,
-                                      config=self.config)
+                                      config=self.config, pdl=None if self.splits > 1 else False)
 
 
 def read_bandwidth() -> float:
@@ -113,7 +113,9 @@ def variants(batch: int, sweep: bool = False):
         for cfg in TRITON_DECODE_CONFIGS:
             out[f"rope_store + triton {cfg}"] = lambda c, cfg=cfg: TritonAttentionBackend(
                 c, HQ, HKV, D, split_kv_decode_max_batch=0, decode_config=cfg)
-        # the fused one-launch kernel (RoPE + store + attention) unsplit: no rope_store launch
+        # the fused one-launch kernel (RoPE + store + attention) unsplit: no rope_store launch;
+        # without PDL, as the engine launches it after a GEMM (back to back, PDL launches would
+        # overlap each other's prologue, which they never do in a decode step)
         for splits, cfg in FUSED_SWEEP:
             out[f"fused, {splits} split(s) {cfg}"] = lambda c, splits=splits, cfg=cfg: FusedDecode(c, batch, splits, cfg)
         out["flashinfer backend, defaults"] = lambda c: fi(c, HQ, HKV, D)
