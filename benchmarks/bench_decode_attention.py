@@ -55,10 +55,10 @@ class FusedDecode:
     """The fused kernel at a fixed split count, driven as a backend's forward_rope (the engine
     picks the split count from the SM count: `SplitKVWorkspace.splits_for`)."""
 
-    def __init__(self, cache: torch.Tensor, batch: int, splits: int, config=None) -> None:
+    def __init__(self, cache: torch.Tensor, batch: int, splits: int) -> None:
         from kernels.triton.decode_attention import SplitKVWorkspace
 
-        self.cache, self.splits, self.config = cache, splits, config
+        self.cache, self.splits = cache, splits
         self.ws = SplitKVWorkspace(batch, HQ, HKV, D, cache.device, max_splits=splits)
 
     def plan_cuda_graph(self, meta: AttentionMetadata) -> None:
@@ -69,8 +69,7 @@ class FusedDecode:
 
         m = self.meta
         return fused_decode_attention(q, k, v, positions, rope.cos, rope.sin, self.cache[:, layer], m.slot_mapping,
-                                      m.block_tables, m.seq_lens, D**-0.5, self.ws, num_splits=self.splits,
-                                      config=self.config, pdl=None if self.splits > 1 else False)
+                                      m.block_tables, m.seq_lens, D**-0.5, self.ws, num_splits=self.splits)
 
 
 def read_bandwidth() -> float:
@@ -99,10 +98,6 @@ TRITON_DECODE_CONFIGS = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8,
                          (16, 2, 3), (16, 2, 4), (32, 2, 2), (16, 4, 3)]
 
 
-# (splits, (BLOCK_N, warps, stages)) of the fused kernel tried by --triton-sweep
-FUSED_SWEEP = [(1, (32, 4, 3)), (1, (16, 2, 3)), (1, (32, 2, 3)), (1, (64, 4, 3)), (1, (32, 4, 4)), (2, (32, 4, 3))]
-
-
 def variants(batch: int, sweep: bool = False):
     from kernels.attention.flashinfer_backend import FlashInferAttentionBackend
     from kernels.attention.triton_backend import TritonAttentionBackend
@@ -113,11 +108,6 @@ def variants(batch: int, sweep: bool = False):
         for cfg in TRITON_DECODE_CONFIGS:
             out[f"rope_store + triton {cfg}"] = lambda c, cfg=cfg: TritonAttentionBackend(
                 c, HQ, HKV, D, split_kv_decode_max_batch=0, decode_config=cfg)
-        # the fused one-launch kernel (RoPE + store + attention) unsplit: no rope_store launch;
-        # without PDL, as the engine launches it after a GEMM (back to back, PDL launches would
-        # overlap each other's prologue, which they never do in a decode step)
-        for splits, cfg in FUSED_SWEEP:
-            out[f"fused, {splits} split(s) {cfg}"] = lambda c, splits=splits, cfg=cfg: FusedDecode(c, batch, splits, cfg)
         out["flashinfer backend, defaults"] = lambda c: fi(c, HQ, HKV, D)
         return out
     return {

@@ -35,10 +35,6 @@ ATTENTION_CHAIN = ("flashinfer", "triton", "torch")
 # used where nothing was timed.
 TRITON_DECODE_BATCHES = "33-128"
 TRITON_DECODE_TILES = ((32, 4, 2), (64, 4, 3), (32, 4, 3), (16, 2, 3))
-# ... and the tiles of the fused decode kernel run unsplit (RoPE + K/V store + attention in one
-# launch), timed with them (the two best of five at 64 and 128 x 1k on an H100,
-# benchmarks/results/2026-12-06-decode-attention-3.md).
-FUSED_DECODE_TILES = ((32, 4, 3), (32, 2, 3))
 MIN_CAPABILITY = {"flashinfer": (8, 0), "triton": (7, 5)}
 ENV_ATTENTION_BACKEND = "PDSERVE_ATTENTION_BACKEND"
 
@@ -165,7 +161,7 @@ def tune_decode_attention(attn: AttentionBackend, sizes: list[int], max_context:
     if not triton_decode_tuned():
         return
     t0 = time.perf_counter()
-    lines = attn.tune_decode(sizes, max_context, list(TRITON_DECODE_TILES), list(FUSED_DECODE_TILES))
+    lines = attn.tune_decode(sizes, max_context, list(TRITON_DECODE_TILES))
     for line in lines:
         log.info("%s", line)
     if lines:

@@ -11,7 +11,6 @@ import subprocess
 import torch
 
 from kernels.capabilities import (
-    FUSED_DECODE_TILES,
     TRITON_DECODE_TILES,
     choose_attention_backend,
     fused_gemv_enabled,
@@ -70,8 +69,7 @@ def report() -> list[tuple[str, str]]:
             if hi < max(lo, 1):
                 what = "FlashInfer (PDSERVE_TRITON_DECODE_BATCHES)"
             elif triton_decode_tuned():
-                what = (f"FlashInfer, the Triton paged kernel (tiles {', '.join(map(str, TRITON_DECODE_TILES))}) "
-                        f"or the fused decode kernel unsplit (tiles {', '.join(map(str, FUSED_DECODE_TILES))}) "
+                what = (f"FlashInfer or the Triton paged kernel (tiles {', '.join(map(str, TRITON_DECODE_TILES))}) "
                         f"for batches {lo}-{hi}, timed per batch size at engine start; FlashInfer otherwise")
             else:
                 what = f"Triton paged kernel, tile {tile}, for batches {lo}-{hi}; FlashInfer otherwise"

@@ -195,18 +195,16 @@ def test_decode_tile_for():
     """The per-batch rule of the FlashInfer backend's Triton decode: outside the range always
     FlashInfer; untuned, the default tile across the range; tuned, the choice of the smallest
     timed batch size (the CUDA graph) that holds the batch, FlashInfer above them all."""
-    from kernels.attention.decode_tune import DecodeKernel, tile_for
+    from kernels.attention.decode_tune import tile_for
 
-    a, b, f = (32, 4, 2), DecodeKernel((64, 4, 3)), DecodeKernel((32, 2, 3), fused=True)
-    assert tile_for(40, 33, 128, a, None) == DecodeKernel(a)  # untuned: the paged kernel
-    assert not tile_for(40, 33, 128, a, None).fused
+    a, b = (32, 4, 2), (64, 4, 3)
+    assert tile_for(40, 33, 128, a, None) == a
     assert tile_for(32, 33, 128, a, None) is None and tile_for(129, 33, 128, a, None) is None
-    tuned = {64: b, 96: f, 128: None}
+    tuned = {64: b, 128: None}
     assert tile_for(33, 33, 128, a, tuned) == b and tile_for(64, 33, 128, a, tuned) == b
-    assert tile_for(65, 33, 128, a, tuned) == f and tile_for(96, 33, 128, a, tuned).fused
-    assert tile_for(97, 33, 128, a, tuned) is None and tile_for(128, 33, 128, a, tuned) is None
-    assert tile_for(100, 33, 100, a, {64: f, 100: b}) == b  # max_num_seqs 100: the last graph
-    assert tile_for(120, 33, 128, a, {64: f, 100: b}) is None  # no graph holds it
+    assert tile_for(65, 33, 128, a, tuned) is None and tile_for(128, 33, 128, a, tuned) is None
+    assert tile_for(100, 33, 100, a, {64: a, 100: b}) == b  # max_num_seqs 100: the last graph
+    assert tile_for(120, 33, 128, a, {64: a, 100: b}) is None  # no graph holds it
     assert tile_for(40, 0, 0, a, tuned) is None  # "0-0": never, tuned or not
 
 
@@ -219,19 +217,15 @@ def test_decode_tune_picks(monkeypatch):
     from types import SimpleNamespace
 
     from kernels.attention import decode_tune
-    from kernels.attention.decode_tune import DecodeKernel as K
 
     a, b = (32, 4, 2), (64, 4, 3)
-    timings = {64: {None: 100.0, K(a): 93.0, K(b): 95.0}, 128: {None: 100.0, K(a): 99.0, K(b): 98.5},
-               96: {None: 100.0, K(a): 90.0}}  # 96: tile b does not fit the device
+    timings = {64: {None: 100.0, a: 93.0, b: 95.0}, 128: {None: 100.0, a: 99.0, b: 98.5},
+               96: {None: 100.0, a: 90.0}}  # 96: tile b does not fit the device
     seen = {}
 
-    def fake_time_size(backend, size, ctx, kernels, gen):
+    def fake_time_size(backend, size, ctx, tiles, gen):
         seen[size] = ctx
-        assert kernels == [K(t) for t in tiles] + [K(t, True) for t in fused]
         return timings[size]
-
-    tiles, fused = [a, b], []
 
     monkeypatch.setattr(decode_tune, "_time_size", fake_time_size)
 
@@ -239,22 +233,15 @@ def test_decode_tune_picks(monkeypatch):
         return SimpleNamespace(kv_cache=torch.empty(blocks, 2, 2, 16, 1, 1), _triton_lo=33, _triton_hi=128)
 
     chosen, lines = decode_tune.tune(backend(1000), [16, 32, 64, 96, 128], 4096, [a, b])
-    assert chosen == {64: K(a), 96: K(a), 128: None}  # 128: a 1.5% win is inside MIN_GAIN
+    assert chosen == {64: a, 96: a, 128: None}  # 128: a 1.5% win is inside MIN_GAIN
     assert seen == {64: 1000 // 64 * 16, 96: 1000 // 96 * 16, 128: 1000 // 128 * 16}
     assert [line.split(":")[0] for line in lines] == [
         "decode attention at 64 sequences x 240 tokens", "decode attention at 96 sequences x 160 tokens",
         "decode attention at 128 sequences x 112 tokens"]
-    assert "paged (64, 4, 3) does not fit" in lines[1] and "FlashInfer;" in lines[2]
+    assert "(64, 4, 3) does not fit" in lines[1] and "FlashInfer;" in lines[2]
     seen.clear()
     chosen, lines = decode_tune.tune(backend(100_000), [64], 700, [a, b])
-    assert seen == {64: 700} and chosen == {64: K(a)}  # capped by max_context
+    assert seen == {64: 700} and chosen == {64: a}  # capped by max_context
     seen.clear()
     chosen, lines = decode_tune.tune(backend(100), [128], 4096, [a, b])
     assert seen == {} and chosen == {128: None} and "nothing to time" in lines[0]
-    # the fused kernel's tiles compete with the paged ones: the fastest of all wins
-    fused = [b]
-    timings[64][K(b, True)] = 90.0
-    timings[128][K(b, True)] = 97.0
-    chosen, lines = decode_tune.tune(backend(1000), [64, 128], 4096, [a, b], fused)
-    assert chosen == {64: K(b, True), 128: K(b, True)}
-    assert "Triton fused (64, 4, 3);" in lines[0] and "fused (64, 4, 3) 90.0" in lines[0]

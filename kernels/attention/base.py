@@ -125,13 +125,11 @@ class AttentionBackend(ABC):
         when `supports_cuda_graphs`); backends with per-batch-size graph state override it."""
         self.plan(metadata)
 
-    def tune_decode(self, sizes: list[int], max_context: int, tiles: list[tuple[int, int, int]],
-                    fused_tiles: list[tuple[int, int, int]] | tuple = ()) -> list[str]:  # fmt: skip
+    def tune_decode(self, sizes: list[int], max_context: int, tiles: list[tuple[int, int, int]]) -> list[str]:
         """Pick, by timing on this device, the decode kernel for each pure-decode batch size in
-        `sizes` (the CUDA-graph batch sizes) among the backend's own, the Triton paged kernel
-        with each of `tiles` and the fused decode kernel unsplit with each of `fused_tiles`;
-        returns one log line per size timed. Called once at engine start, before graph capture.
-        Backends with a single decode kernel time nothing."""
+        `sizes` (the CUDA-graph batch sizes) among the backend's own and the Triton paged
+        kernel with each of `tiles`; returns one log line per size timed. Called once at engine
+        start, before graph capture. Backends with a single decode kernel time nothing."""
         return []
 
     def store_rope(

@@ -18,10 +18,9 @@ Small pure-decode batches (up to `split_kv_decode_max_batch` sequences) skip all
 `forward_rope`: one fused Triton kernel per layer (kernels/attention/split_kv_decode.py).
 Pure-decode batches in the `triton_decode_batches` range run rope_store and the Triton paged
 kernel (kernels/triton/paged_attention.py) with a decode tile instead: every batch in the range
-with one tile, or, once `tune_decode` has timed the kernels per CUDA-graph batch size at engine
-start (kernels/attention/decode_tune.py), the batch sizes where a Triton kernel won, each with
-its winner: the paged kernel or the fused kernel unsplit (RoPE + store + attention, one launch),
-and its tile. For all of these, FlashInfer's plan is deferred until something asks for
+with one tile, or, once `tune_decode` has timed both kernels per CUDA-graph batch size at
+engine start (kernels/attention/decode_tune.py), the batch sizes where the Triton kernel won,
+each with its winning tile. For both, FlashInfer's plan is deferred until something asks for
 FlashInfer and otherwise never made.
 """
 
@@ -62,11 +61,9 @@ class FlashInferAttentionBackend(AttentionBackend):
 
             triton_decode_batches = _setting()
         self._triton_lo, self._triton_hi, self._triton_tile = triton_decode_batches
-        self._triton_tuned: dict[int, decode_tune.DecodeKernel | None] | None = None  # tune_decode
+        self._triton_tuned: dict[int, tuple[int, int, int] | None] | None = None  # tune_decode
         self._tile: tuple[int, int, int] | None = None  # this batch's Triton tile, if any
-        self._triton_decode = False  # this batch: rope_store + the paged kernel
-        self._fused_unsplit = False  # this batch: the fused decode kernel, one split
-        self._unsplit_ws = None  # its workspace (no partials are written with one split)
+        self._triton_decode = False
         # Decode runs on the tensor cores (FlashInfer's prefill kernel: one JIT module for decode
         # and prefill), except CUDA-graph batches of up to this many sequences, which use the
         # CUDA-core decode kernel (a second JIT module). None: env
@@ -163,12 +160,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.metadata = m
         self._fused_decode = self._split_kv is not None and self._split_kv.applies(m)
         pure_decode = not self._fused_decode and m.num_decode_seqs == m.num_seqs == m.num_tokens
-        kern = decode_tune.tile_for(m.num_seqs, self._triton_lo, self._triton_hi, self._triton_tile,
-                                    self._triton_tuned) if pure_decode else None
-        self._tile = kern.tile if kern is not None else None
-        self._fused_unsplit = kern is not None and kern.fused
-        self._triton_decode = kern is not None and not kern.fused
-        if self._fused_decode or self._triton_decode or self._fused_unsplit:
+        self._tile = decode_tune.tile_for(m.num_seqs, self._triton_lo, self._triton_hi, self._triton_tile,
+                              self._triton_tuned) if pure_decode else None
+        self._triton_decode = self._tile is not None
+        if self._fused_decode or self._triton_decode:
             self._pending_plan = make_plan
         else:
             make_plan()
@@ -228,24 +223,12 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._decode = wrapper
         self._plan_done()
 
-    def tune_decode(self, sizes: list[int], max_context: int, tiles: list[tuple[int, int, int]],
-                    fused_tiles: list[tuple[int, int, int]] | tuple = ()) -> list[str]:  # fmt: skip
-        """Time FlashInfer's decode against the paged Triton kernel with each of `tiles` and the
-        unsplit fused kernel with each of `fused_tiles` at every CUDA-graph batch size in
-        `sizes` within the Triton range and route each size to its winner from now on; returns
-        one log line per size timed. Call before capturing graphs."""
-        self._triton_tuned, lines = decode_tune.tune(self, sizes, max_context, tiles, fused_tiles)
+    def tune_decode(self, sizes: list[int], max_context: int, tiles: list[tuple[int, int, int]]) -> list[str]:
+        """Time FlashInfer's decode against the Triton kernel with each of `tiles` at every
+        CUDA-graph batch size in `sizes` within the Triton range and route each size to its
+        winner from now on; returns one log line per size timed. Call before capturing graphs."""
+        self._triton_tuned, lines = decode_tune.tune(self, sizes, max_context, tiles)
         return lines
-
-    def unsplit_workspace(self):
-        """The fused decode kernel's workspace for unsplit launches of up to the Triton range's
-        largest batch (allocated once, on first use: its addresses are baked into graphs)."""
-        if self._unsplit_ws is None:
-            from kernels.triton.decode_attention import SplitKVWorkspace
-
-            self._unsplit_ws = SplitKVWorkspace(max(1, self._triton_hi), self.num_heads, self.num_kv_heads,
-                                                self.head_dim, self.kv_cache.device, max_splits=1)
-        return self._unsplit_ws
 
     # -- running ----------------------------------------------------------------------------
 
@@ -290,11 +273,5 @@ class FlashInferAttentionBackend(AttentionBackend):
         view = self.kv_cache[:, layer]
         if self._fused_decode and q.dtype == self.kv_cache.dtype:
             return self._split_kv.forward_rope(m, view, q, k, v, positions, rope)
-        if self._fused_unsplit and q.dtype == self.kv_cache.dtype:
-            from kernels.triton.decode_attention import fused_decode_attention
-
-            return fused_decode_attention(q, k, v, positions, rope.cos, rope.sin, view, m.slot_mapping,
-                                          m.block_tables, m.seq_lens, self.scale, self.unsplit_workspace(),
-                                          num_splits=1, config=self._tile, pdl=False)  # fmt: skip
         q = self._rope_store(q, k, v, positions, rope.cos, rope.sin, view, m.slot_mapping)
         return self._attend_triton(q, view) if self._triton_decode else self._attend(q, view)

@@ -183,11 +183,6 @@ def _fused_decode_kernel(
             tl.store(dst, k_new, mask=d_ok)
             tl.store(dst + stride_kv, v_new, mask=d_ok)
 
-    if NUM_SPLITS == 1:  # nothing to merge: normalise and store (large batches fill the GPU)
-        out_rows = Out + seq64 * stride_ot + head[:, None] * D + d[None, :]
-        tl.store(out_rows, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=qm)
-        return
-
     # -- partials, then the arrival counter; the last program to arrive merges
     pair = seq64 * HKV + kvh
     idx = (pair * NUM_SPLITS + split) * GROUP + rows
@@ -289,8 +284,6 @@ def fused_decode_attention(
     workspace: SplitKVWorkspace,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
-    config: tuple[int, int, int] | None = None,
-    pdl: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention (one new token per sequence) with RoPE and the K/V store fused in.
 
@@ -301,11 +294,6 @@ def fused_decode_attention(
     (keys [0, seq_len - 1) are read from the cache, the new one from k/v). q and the cache must
     share a dtype. S <= workspace.max_seqs. num_splits: None = `workspace.splits_for(S)`.
     out: None or [S, Hq * D] with unit stride along a row. Returns out [S, Hq * D] in q's dtype.
-    config: (BLOCK_N keys a step, num_warps, num_stages); None: (32, 4, 3). One split writes
-    the output directly (no partials, no merge). pdl: launch as a programmatic dependent (sm90+);
-    None: where `pdl_enabled`. Worth it only after a kernel that lets its dependents launch
-    early (the batch-1 GEMVs): timed back to back, launches overlap each other's prologue,
-    which they never do after a cuBLAS GEMM.
     No host sync and no allocation but `out`: graph-safe for any seq_lens."""
     s, hq, d = q.shape
     hkv = kv_layer.shape[3]
@@ -326,9 +314,8 @@ def fused_decode_attention(
         out = torch.empty((s, hq * d), dtype=q.dtype, device=q.device)
     elif out.shape != (s, hq * d) or out.stride(-1) != 1:
         raise ValueError(f"out must be [{s}, {hq * d}] with unit row stride")
-    block_n, warps, stages = config if config is not None else (BLOCK_N, 4, 3)
     if s:
-        pdl = q.is_cuda and (pdl_enabled() if pdl is None else pdl)
+        pdl = q.is_cuda and pdl_enabled()
         gp2, ns_p2 = triton.next_power_of_2(workspace.group), triton.next_power_of_2(splits)
         _fused_decode_kernel[(s, hkv, splits)](
             q, k, v, positions, cos, sin, kv_layer, slot_mapping, block_tables, seq_lens, out,
@@ -339,9 +326,9 @@ def fused_decode_attention(
             block_tables.stride(0), out.stride(0),
             PAGE=kv_layer.shape[2], HKV=hkv, GROUP=workspace.group,
             ROWS=max(16, triton.next_power_of_2(workspace.group)),
-            NUM_SPLITS=splits, BLOCK_N=block_n, D=d, D_P2=workspace.d_p2,
+            NUM_SPLITS=splits, BLOCK_N=BLOCK_N, D=d, D_P2=workspace.d_p2,
             GROUP_P2=gp2, MERGE_P=min(ns_p2, max(1, 64 // gp2)),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-            PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl,
+            PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return out
