@@ -151,6 +151,25 @@ def test_chat_prompt_uses_the_models_template(tokenizer):
         )
 
 
+def test_chat_template_kwargs(tokenizer):
+    """chat_template_kwargs reach the template and may set add_generation_prompt (vLLM); keys the
+    server passes itself, or of the wrong type, are a ValueError (they were a TypeError)."""
+    msgs = [{"role": "user", "content": "hi"}]
+    off = chat_prompt(tokenizer, msgs, template_kwargs={"add_generation_prompt": False})
+    assert off == chat_prompt(tokenizer, msgs, add_generation_prompt=False)
+    for bad in ({"messages": []}, {"eos_token": "x"}, {"tools": 5}, {"tools": [1]}, {"chat_template": [1]}):
+        with pytest.raises(ValueError, match="chat_template_kwargs"):
+            chat_prompt(tokenizer, msgs, template_kwargs=bad)
+
+
+def test_top_k_at_least_the_vocabulary_is_off():
+    req = CompletionRequest.model_validate({"prompt": "hi", "top_k": 2**70})
+    assert req.sampling_params(4, None, 1000).top_k == 0
+    assert msgspec.msgpack.encode(req.sampling_params(4, None, None))  # fits the wire
+    req = CompletionRequest.model_validate({"prompt": "hi", "top_k": 999})
+    assert req.sampling_params(4, None, 1000).top_k == 999
+
+
 def test_context_limits_name_both_numbers():
     assert resolve_max_tokens(None, 10, 100) == 90
     assert resolve_max_tokens(5, 10, 100) == 5
@@ -158,8 +177,13 @@ def test_context_limits_name_both_numbers():
         resolve_max_tokens(None, 100, 100)
     with pytest.raises(ValueError, match="100 tokens.*requested 101 tokens"):
         resolve_max_tokens(91, 10, 100)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="^max_tokens must be at least 1"):
         resolve_max_tokens(-1, 10, 100)
+    # chat's max_completion_tokens: the message names the field the client sent
+    with pytest.raises(ValueError, match="^max_completion_tokens must be at least 1"):
+        resolve_max_tokens(0, 10, 100, "max_completion_tokens")
+    with pytest.raises(ValueError, match="prompt or max_completion_tokens"):
+        resolve_max_tokens(91, 10, 100, "max_completion_tokens")
 
 
 def test_sse_framing_bytes():

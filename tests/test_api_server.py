@@ -362,6 +362,9 @@ def test_tokenize_detokenize(http, offline):
     assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello world"
     chat = http.post("/tokenize", json={"messages": CHAT}).json()
     assert chat["count"] == len(chat["tokens"]) > 5
+    # special tokens survive the round trip, as in vLLM (they were dropped)
+    text = http.post("/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"]
+    assert text == offline.tokenizer.apply_chat_template(CHAT) and text.startswith("<|im_start|>")
     # what lm-eval's remote tokenizer reads before it tokenizes through the two routes above
     info = http.get("/tokenizer_info").json()
     eos = http.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()
@@ -457,6 +460,16 @@ BAD = [
         {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
         400,
     ),
+    # chat_template_kwargs naming what the server passes the template, or of the wrong type:
+    # each was a TypeError (500)
+    ("template kwargs set messages", "/v1/chat/completions",
+     {"messages": CHAT, "chat_template_kwargs": {"messages": 5}}, 400),
+    ("template kwargs set bos_token", "/v1/chat/completions",
+     {"messages": CHAT, "chat_template_kwargs": {"bos_token": "x"}}, 400),
+    ("template kwargs tools not a list", "/v1/chat/completions",
+     {"messages": CHAT, "chat_template_kwargs": {"tools": 5}}, 400),
+    ("template kwargs chat_template not a name", "/v1/chat/completions",
+     {"messages": CHAT, "chat_template_kwargs": {"chat_template": [1]}}, 400),
     ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404),
     ("unknown model chat", "/v1/chat/completions", {"model": "gpt-9", "messages": CHAT}, 404),
     ("unknown route", "/v1/nothing", {}, 404),
@@ -470,6 +483,26 @@ def test_bad_input_gets_openai_error(http, name, path, body, status):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert isinstance(err["message"], str) and err["message"] and "type" in err and "code" in err
+
+
+def test_max_completion_tokens_errors_name_that_field(http):
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_completion_tokens": 0})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("max_completion_tokens must be at least 1"), r.text
+
+
+@pytest.mark.parametrize("content_type,body,says", [
+    ("application/x-www-form-urlencoded", b'{"prompt": "x"}', "Content-Type: application/json"),  # curl -d
+    ("text/plain", b'{"prompt": "x"}', "Content-Type: application/json"),
+    (None, b"", "missing"),
+    ("application/json", b"[1, 2]", "must be a JSON object"),
+])
+def test_body_not_a_json_object_says_why(http, content_type, body, says):
+    """The body as a whole is wrong: the message says what to send, not pydantic's "Input should be
+    a valid dictionary or object to extract fields from" (which it was)."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = http.post("/v1/completions", content=body, headers=headers)
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
 
 
 def test_over_long_prompt_names_both_numbers(http):
@@ -549,6 +582,31 @@ def test_openai_client_raises_typed_errors(client):
         client.completions.create(model=MODEL, prompt="x", max_tokens=-1)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=CHAT)
+
+
+def test_retrieve_model(client):
+    """OpenAI's GET /v1/models/{model} (`client.models.retrieve`; was a 404 for every name)."""
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token(client):
+    """A top_k of at least the vocabulary filters nothing, as top_k 0; past 2**64 it was a 500
+    (msgpack cannot carry it to the worker)."""
+    kw = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=1.0, seed=11)
+    want = client.completions.create(**kw).choices[0].text
+    for top_k in (10**6, 2**64):
+        assert client.completions.create(**kw, extra_body={"top_k": top_k}).choices[0].text == want
+
+
+def test_chat_template_kwargs_may_set_add_generation_prompt(client, http):
+    """vLLM lets chat_template_kwargs override add_generation_prompt (it was a TypeError, 500)."""
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1,
+                                       extra_body={"chat_template_kwargs": {"add_generation_prompt": False}})
+    want = http.post("/tokenize", json={"messages": CHAT, "add_generation_prompt": False}).json()["count"]
+    assert r.usage.prompt_tokens == want < http.post("/tokenize", json={"messages": CHAT}).json()["count"]
 
 
 def test_still_healthy_after_bad_input(server, client):

@@ -48,21 +48,26 @@ def create_app(ctx: ServerContext, lifespan: Lifespan | None = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(ctx, body, request.receive)
 
+    def model_card(name: str) -> dict:
+        model = ctx.cluster.registry.model
+        return {
+            "id": name,
+            "object": "model",
+            "created": ctx.created,
+            "owned_by": "pdserve",
+            "root": model.model_name if model else name,
+            "max_model_len": ctx.max_model_len if model else None,
+        }
+
     @app.get("/v1/models")
     async def models() -> Response:
-        model = ctx.cluster.registry.model
-        cards = [
-            {
-                "id": name,
-                "object": "model",
-                "created": ctx.created,
-                "owned_by": "pdserve",
-                "root": model.model_name if model else name,
-                "max_model_len": ctx.max_model_len if model else None,
-            }
-            for name in ctx.model_names
-        ]
-        return json_response({"object": "list", "data": cards})
+        return json_response({"object": "list", "data": [model_card(n) for n in ctx.model_names]})
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str) -> Response:
+        """OpenAI's retrieve-model route (`client.models.retrieve`); 404 for other names."""
+        ctx.check_model(model)
+        return json_response(model_card(model))
 
     @app.get("/health")
     async def health() -> Response:
@@ -129,7 +134,8 @@ def create_app(ctx: ServerContext, lifespan: Lifespan | None = None) -> FastAPI:
             check_token_ids("token ids", body.tokens, ctx.vocab_size or ctx.tokenizer.vocab_size)
         except ValueError as exc:
             raise APIError(400, str(exc), param="tokens") from None
-        return json_response({"prompt": ctx.tokenizer.decode(body.tokens)})
+        # Special tokens stay (vLLM's, HF's decode default): /tokenize's ids round-trip.
+        return json_response({"prompt": ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
     # Outermost first: count every response, including 401s.
     if ctx.config.api_key:

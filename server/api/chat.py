@@ -42,7 +42,8 @@ def build_generation(
         )
         prompt = truncate_prompt(prompt, req.truncate_prompt_tokens)
         max_tokens = resolve_max_tokens(
-            req.requested_max_tokens(), len(prompt.token_ids), ctx.max_model_len
+            req.requested_max_tokens(), len(prompt.token_ids), ctx.max_model_len,
+            "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
         )
         params = req.sampling_params(
             max_tokens, req.requested_logprobs(), ctx.vocab_size, req.prompt_logprobs

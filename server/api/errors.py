@@ -81,10 +81,23 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if err.get("type") == "json_invalid":
             return f"Request body is not valid JSON: {err.get('msg', '')}", None
+        if not loc:  # the body as a whole, not one of its fields
+            return _body_message(err), None
         where = ".".join(loc)
         param = param or (loc[0] if loc else None)
         parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", ""))
     return "; ".join(parts) or "Invalid request body.", param
+
+
+def _body_message(err: Any) -> str:
+    """FastAPI parses the body as JSON only under a JSON Content-Type; otherwise it arrives as
+    bytes (curl -d sends application/x-www-form-urlencoded), and pydantic's own message ("Input
+    should be a valid dictionary ...") does not say why."""
+    if err.get("type") == "missing":
+        return "Request body is missing: send a JSON object with Content-Type: application/json."
+    if isinstance(err.get("input"), (bytes, str)):
+        return "Request body was not read as JSON: send it with Content-Type: application/json."
+    return "Request body must be a JSON object."
 
 
 def install_error_handlers(app: FastAPI) -> None:

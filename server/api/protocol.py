@@ -122,7 +122,7 @@ class _SamplingFields(_Request):
             min_tokens=self.min_tokens,
             temperature=_or(self.temperature, 1.0),
             top_p=_or(self.top_p, 1.0),
-            top_k=_or(self.top_k, 0),
+            top_k=_top_k(self.top_k, vocab_size),
             min_p=_or(self.min_p, 0.0),
             seed=self.seed,
             presence_penalty=_or(self.presence_penalty, 0.0),
@@ -144,6 +144,14 @@ class _SamplingFields(_Request):
 
 def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def _top_k(top_k: int | None, vocab_size: int | None) -> int:
+    """top_k as the engine takes it: a k at least the vocabulary keeps every token, as 0
+    does, so it becomes 0 (a k past 2**64 cannot even cross to the worker as msgpack)."""
+    if top_k is None or top_k >= (vocab_size or 2**31):
+        return 0
+    return top_k
 
 
 class CompletionRequest(_SamplingFields):

@@ -12,6 +12,10 @@ from typing import Any, NamedTuple
 from server.engine.sampling_params import check_token_ids
 from server.models.tokenizer import Tokenizer
 
+# Template variables the server passes itself: a chat_template_kwargs key naming one would
+# collide with it (a TypeError, once a 500).
+_RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "bos_token", "eos_token"})
+
 
 class Prompt(NamedTuple):
     token_ids: list[int]
@@ -63,9 +67,21 @@ def chat_prompt(
     template_kwargs: Mapping[str, Any] | None = None,
 ) -> Prompt:
     """Render the model's own chat template and tokenize the result (no extra BOS: templates
-    that want one write it themselves). Raises ChatTemplateError (a ValueError)."""
+    that want one write it themselves). `template_kwargs` (the request's chat_template_kwargs)
+    reach the template; as in vLLM they may set `add_generation_prompt`, but not what the
+    server itself passes (messages, bos / eos token). Raises ChatTemplateError (a ValueError)."""
+    kwargs = dict(template_kwargs or {})
+    add_generation_prompt = bool(kwargs.pop("add_generation_prompt", add_generation_prompt))
+    reserved = sorted(k for k in kwargs if k in _RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise ValueError(f"chat_template_kwargs may not set {reserved}: the server sets them.")
+    if not isinstance(kwargs.get("chat_template", ""), str):
+        raise ValueError("chat_template_kwargs.chat_template must be a template name (a string).")
+    tools = kwargs.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError("chat_template_kwargs.tools must be a list of objects.")
     text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, **dict(template_kwargs or {})
+        messages, add_generation_prompt=add_generation_prompt, **kwargs
     )
     if continue_final_message:
         # Cut whatever the template appended after the last message (end-of-turn markers), so
@@ -81,8 +97,11 @@ def chat_prompt(
     return Prompt(ids, text)
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, max_model_len: int, field: str = "max_tokens"
+) -> int:
     """The number of tokens to generate: `requested`, or all the context left when None.
+    `field`: the request field `requested` came from, for the messages.
 
     Raises ValueError (naming both numbers) when the prompt leaves no room to generate, or
     when prompt + requested tokens exceed the context."""
@@ -96,12 +115,12 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
     if requested is None:
         return remaining
     if requested < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {requested}.")
+        raise ValueError(f"{field} must be at least 1, got {requested}.")
     if requested > remaining:
         raise ValueError(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
             f"{requested} for the completion). Please reduce the length of the prompt or "
-            "max_tokens."
+            f"{field}."
         )
     return requested
