@@ -365,6 +365,18 @@ def test_tokenize_detokenize(http, offline):
     # special tokens survive the round trip, as in vLLM (they were dropped)
     text = http.post("/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"]
     assert text == offline.tokenizer.apply_chat_template(CHAT) and text.startswith("<|im_start|>")
+    # with chat's prompt fields, the same tokens chat would prefill (its usage counts them)
+    turns = [*CHAT, {"role": "assistant", "content": "The capital"}]
+    for fields in ({"add_generation_prompt": False, "continue_final_message": True},
+                   {"chat_template_kwargs": {"add_generation_prompt": False}}):
+        tok = http.post("/tokenize", json={"messages": turns, **fields}).json()
+        used = http.post("/v1/chat/completions", json={"messages": turns, "max_tokens": 1, **fields}).json()
+        assert tok["count"] == used["usage"]["prompt_tokens"], fields
+    cont = http.post("/tokenize", json={"messages": turns, "add_generation_prompt": False,
+                                        "continue_final_message": True}).json()["tokens"]
+    assert http.post("/detokenize", json={"tokens": cont}).json()["prompt"].endswith("The capital")
+    both = {"messages": turns, "continue_final_message": True}  # add_generation_prompt defaults to true
+    assert http.post("/tokenize", json=both).status_code == 400
     # what lm-eval's remote tokenizer reads before it tokenizes through the two routes above
     info = http.get("/tokenizer_info").json()
     eos = http.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()

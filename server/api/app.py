@@ -97,19 +97,18 @@ def create_app(ctx: ServerContext, lifespan: Lifespan | None = None) -> FastAPI:
     async def tokenize(body: TokenizeRequest) -> Response:
         ctx.check_model(body.model)
         try:
-            if body.messages is not None and body.prompt is not None:
-                raise ValueError("send either prompt or messages, not both.")
+            body.check()
             if body.messages is not None:
                 prompt = chat_prompt(
                     ctx.tokenizer,
                     [m.model_dump(exclude_none=True) for m in body.messages],
                     add_generation_prompt=body.add_generation_prompt,
+                    continue_final_message=body.continue_final_message,
+                    template_kwargs=body.chat_template_kwargs,
                 )
                 ids = prompt.token_ids
-            elif body.prompt is not None:
-                ids = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
             else:
-                raise ValueError("send either prompt or messages.")
+                ids = ctx.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         return json_response({"tokens": ids, "count": len(ids), "max_model_len": ctx.max_model_len})

@@ -224,7 +224,20 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+    # with messages: the prompt chat would build from the same fields (vLLM's tokenize)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        if self.messages is not None and self.prompt is not None:
+            raise ValueError("send either prompt or messages, not both.")
+        if self.messages is None and self.prompt is None:
+            raise ValueError("send either prompt or messages.")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError(
+                "continue_final_message and add_generation_prompt cannot both be true."
+            )
 
 
 class DetokenizeRequest(_Request):
