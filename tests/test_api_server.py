@@ -418,6 +418,33 @@ def test_sse_framing_byte_by_byte(http):
     assert all(p["choices"][0]["finish_reason"] is None for p in chunks[:-1])
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats(http, path):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage so
+    far (its prompt, the tokens it has generated), the last chunk the whole request's; without
+    include_usage it does nothing, as in vLLM."""
+    body = {"model": MODEL, "max_tokens": 5, "temperature": 0, "n": 2, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            **({"prompt": PROMPTS[0]} if path == "/v1/completions" else {"messages": CHAT})}  # fmt: skip
+    with http.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        events = [json.loads(e[6:]) for e in b"".join(r.iter_raw()).split(b"\n\n") if e.startswith(b"data: {")]
+    *chunks, last = events
+    prompt = last["usage"]["prompt_tokens"]  # counted once for the n = 2 copies, as OpenAI does
+    seen = {0: [], 1: []}
+    for e in chunks:
+        u = e["usage"]
+        assert u["prompt_tokens"] == prompt and u["total_tokens"] == prompt + u["completion_tokens"]
+        seen[e["choices"][0]["index"]].append(u["completion_tokens"])
+    for counts in seen.values():  # non-decreasing, ending at the choice's 5 tokens
+        assert counts == sorted(counts) and counts[-1] == 5 and counts[0] <= 1, counts
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 10
+    body["stream_options"] = {"continuous_usage_stats": True}
+    with http.stream("POST", path, json=body) as r:
+        raw = b"".join(r.iter_raw())
+    assert b'"usage"' not in raw
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -107,22 +107,25 @@ def _final_choice(ctx: ServerContext, req: ChatCompletionRequest, c: Choice) -> 
 async def _stream(
     ctx: ServerContext, req: ChatCompletionRequest, gen: Generation, head: dict[str, Any]
 ) -> AsyncIterator[bytes]:
-    def chunk(
-        index: int, delta: dict[str, Any], logprobs: Any, finish: str | None, stop: Any
-    ) -> bytes:
+    continuous = req.continuous_usage()
+
+    def chunk(c: Choice, delta: dict[str, Any], logprobs: Any, finish: str | None, stop: Any) -> bytes:
         choice = {
-            "index": index,
+            "index": c.index,
             "delta": delta,
             "logprobs": logprobs,
             "finish_reason": finish,
             "stop_reason": stop,
         }
-        return sse_event({**head, "choices": [choice]})
+        event = {**head, "choices": [choice]}
+        if continuous:
+            event["usage"] = gen.choice_usage(c)
+        return sse_event(event)
 
     try:
         # The role comes first, alone, as OpenAI sends it.
         yield b"".join(
-            chunk(c.index, {"role": "assistant", "content": ""}, None, None, None)
+            chunk(c, {"role": "assistant", "content": ""}, None, None, None)
             for c in gen.choices
         )
         async for batch in gen.updates():
@@ -135,7 +138,7 @@ async def _stream(
                 )
                 if d.text or d.finish_reason is not None or (logprobs and d.token_ids):
                     delta = {"content": d.text} if d.text else {}
-                    out.append(chunk(c.index, delta, logprobs, d.finish_reason, d.stop_reason))
+                    out.append(chunk(c, delta, logprobs, d.finish_reason, d.stop_reason))
             if out:
                 yield b"".join(out)
         if req.include_usage():

@@ -124,22 +124,27 @@ async def _stream(
         {c.index: CompletionLogprobs(ctx.token_text) for c in gen.choices} if want_logprobs else {}
     )
 
-    def chunk(index: int, text: str, logprobs: Any, finish: str | None, stop: Any) -> bytes:
+    continuous = req.continuous_usage()
+
+    def chunk(c: Choice, text: str, logprobs: Any, finish: str | None, stop: Any) -> bytes:
         choice = {
-            "index": index,
+            "index": c.index,
             "text": text,
             "logprobs": logprobs,
             "finish_reason": finish,
             "stop_reason": stop,
         }
-        return sse_event({**head, "choices": [choice]})
+        event = {**head, "choices": [choice]}
+        if continuous:
+            event["usage"] = gen.choice_usage(c, completions=not req.scores_only)
+        return sse_event(event)
 
     try:
         # The echoed prompt comes first; with logprobs it waits for the prompt's scores, which
         # arrive with the choice's first token.
         echo_due = {c.index for c in gen.choices} if req.echo else set()
         if req.echo and not want_logprobs:
-            yield b"".join(chunk(c.index, _echo_text(ctx, c), None, None, None) for c in gen.choices)
+            yield b"".join(chunk(c, _echo_text(ctx, c), None, None, None) for c in gen.choices)
             echo_due.clear()
         async for batch in gen.updates():
             out = []
@@ -147,13 +152,13 @@ async def _stream(
                 if c.index in echo_due:
                     echo_due.discard(c.index)
                     echo_lp = _echo_logprobs(lps[c.index], req, c)
-                    out.append(chunk(c.index, _echo_text(ctx, c), echo_lp, None, None))
+                    out.append(chunk(c, _echo_text(ctx, c), echo_lp, None, None))
                 if req.scores_only:  # the one sampled token is not part of the answer
                     done = "length" if d.finish_reason is not None else None
                     d = d._replace(text="", token_ids=[], logprobs=None, finish_reason=done, stop_reason=None)
                 logprobs = lps[c.index].generated(d.logprobs or []) if want_logprobs else None
                 if d.text or d.finish_reason is not None or (want_logprobs and d.token_ids):
-                    out.append(chunk(c.index, d.text, logprobs, d.finish_reason, d.stop_reason))
+                    out.append(chunk(c, d.text, logprobs, d.finish_reason, d.stop_reason))
             if out:
                 yield b"".join(out)
         if req.include_usage():

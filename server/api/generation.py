@@ -199,6 +199,14 @@ class Generation:
 
     # ------------------------------------------------------------------ results
 
+    @staticmethod
+    def choice_usage(c: Choice, completions: bool = True) -> dict[str, int]:
+        """One choice's usage so far: its prompt and the tokens it has generated (vLLM's
+        continuous_usage_stats, per chunk)."""
+        prompt = len(c.prompt.token_ids)
+        completion = len(c.state.token_ids) if completions else 0
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
     def usage(self, completions: bool = True) -> dict[str, Any]:
         """The usage object; `completions=False` when the generated tokens are not returned
         (echo with max_tokens 0)."""

@@ -35,6 +35,8 @@ class _Request(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool | None = False
+    # vLLM's: with include_usage, every chunk also carries its choice's usage so far
+    continuous_usage_stats: bool | None = False
 
 
 class _SamplingFields(_Request):
@@ -71,6 +73,11 @@ class _SamplingFields(_Request):
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        """Each streamed chunk carries its choice's usage so far (vLLM's continuous_usage_stats,
+        which takes effect with include_usage, as there)."""
+        return self.include_usage() and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def check(self) -> None:
         """Cross-field rules pydantic's types cannot say; ValueError is a 400."""
