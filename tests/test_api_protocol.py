@@ -160,6 +160,11 @@ def test_chat_template_kwargs(tokenizer):
     for bad in ({"messages": []}, {"eos_token": "x"}, {"tools": 5}, {"tools": [1]}, {"chat_template": [1]}):
         with pytest.raises(ValueError, match="chat_template_kwargs"):
             chat_prompt(tokenizer, msgs, template_kwargs=bad)
+    # a generation prompt after a message to continue, asked for either way
+    for kw in ({}, {"add_generation_prompt": True}):
+        with pytest.raises(ValueError, match="cannot both be true"):
+            chat_prompt(tokenizer, msgs, add_generation_prompt=not kw, continue_final_message=True,
+                        template_kwargs=kw)
 
 
 def test_top_k_at_least_the_vocabulary_is_off():

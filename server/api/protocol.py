@@ -210,10 +210,6 @@ class ChatCompletionRequest(_SamplingFields):
         super().check()
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true.")
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError(
-                "continue_final_message and add_generation_prompt cannot both be true."
-            )
 
     def requested_max_tokens(self) -> int | None:
         return (
@@ -241,10 +237,6 @@ class TokenizeRequest(_Request):
             raise ValueError("send either prompt or messages, not both.")
         if self.messages is None and self.prompt is None:
             raise ValueError("send either prompt or messages.")
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError(
-                "continue_final_message and add_generation_prompt cannot both be true."
-            )
 
 
 class DetokenizeRequest(_Request):

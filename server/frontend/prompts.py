@@ -69,9 +69,12 @@ def chat_prompt(
     """Render the model's own chat template and tokenize the result (no extra BOS: templates
     that want one write it themselves). `template_kwargs` (the request's chat_template_kwargs)
     reach the template; as in vLLM they may set `add_generation_prompt`, but not what the
-    server itself passes (messages, bos / eos token). Raises ChatTemplateError (a ValueError)."""
+    server itself passes (messages, bos / eos token); continuing the final message excludes a
+    generation prompt, however it was asked for. Raises ChatTemplateError (a ValueError)."""
     kwargs = dict(template_kwargs or {})
     add_generation_prompt = bool(kwargs.pop("add_generation_prompt", add_generation_prompt))
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true.")
     reserved = sorted(k for k in kwargs if k in _RESERVED_TEMPLATE_KWARGS)
     if reserved:
         raise ValueError(f"chat_template_kwargs may not set {reserved}: the server sets them.")
