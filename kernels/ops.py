@@ -56,7 +56,12 @@ def fused_linear_ref(
 
 
 def argmax_ref(x: torch.Tensor) -> torch.Tensor:
-    """x [N, V] -> [N] int64, each row's first maximum (the sampler's greedy pick)."""
+    """x [N, V] -> [N] int64, each row's first maximum (the sampler's greedy pick). On the CPU a
+    bf16 / fp16 row is widened first: torch's CPU argmax over bf16 is ~3x slower than the cast
+    plus a float32 argmax (16 x 49152 SmolLM2 logits, 2-core EPYC: 1.48 ms vs 0.4-0.74 ms),
+    and widening is exact, so the pick is the same."""
+    if x.device.type == "cpu" and x.dtype != torch.float32:
+        x = x.float()
     return x.argmax(dim=-1)
 
 
