@@ -318,6 +318,9 @@ def main() -> int:
         help="batch-1 decode only (TPOT, graph replay, phases, kernel profile); results go to "
         "<date>-gpu-llama8b-b1.md",
     )
+    ap.add_argument(
+        "--no-b1", action="store_true", help="skip the batch-1 decode part (A/B runs of the batched steps)"
+    )
     ap.add_argument("--profile-replays", type=int, default=20, help="0: no kernel profile")
     args = ap.parse_args()
     logging.basicConfig(
@@ -365,114 +368,115 @@ def main() -> int:
     rows: list[list[object]] = []
 
     # (a) batch-1 decode
-    add(engine, "b1", 1, 128, 8 * args.steps + 200, gen)
-    prefill_all(engine)
-    timed_steps(engine, 5)
-    modes = decode_modes(engine, args.steps)
-    tpot = modes["overlap"]
-    roof = (weight_bytes + 200 * kv_per_token) / bw
-    rows.append(
-        [
-            "decode TPOT, batch 1, ctx ~200",
-            f"{tpot * 1e3:.3f} ms",
-            f"roofline {roof * 1e3:.3f} ms ({weight_bytes / 1e9:.2f} GB weights)",
-            f"{tpot / roof:.3f}x roofline (target <= 1.15x)",
-        ]
-    )
-    rows += mode_rows(modes, roof)
-    settle(engine)
     graphs = engine.runner.cuda_graphs
     breakdowns: dict[int, dict[str, float]] = {}
     profile_md = timeline_md = ""
-    if graphs is not None:
-        from triton.testing import do_bench
-
-        from kernels import ops
-
-        fused_default = ops.fuses_linears is not ops.never
-        # The graph holds the 32 layers, the final norm and lm_head; the sampler runs after it.
-        graph_roof = weight_bytes / bw
-        ms = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
+    if not args.no_b1:
+        add(engine, "b1", 1, 128, 8 * args.steps + 200, gen)
+        prefill_all(engine)
+        timed_steps(engine, 5)
+        modes = decode_modes(engine, args.steps)
+        tpot = modes["overlap"]
+        roof = (weight_bytes + 200 * kv_per_token) / bw
         rows.append(
             [
-                "  graph replay alone (layers + lm_head)",
-                f"{ms:.2f} ms",
-                f"roofline {graph_roof * 1e3:.2f} ms",
-                f"{ms * 1e-3 / graph_roof:.2f}x roofline",
+                "decode TPOT, batch 1, ctx ~200",
+                f"{tpot * 1e3:.3f} ms",
+                f"roofline {roof * 1e3:.3f} ms ({weight_bytes / 1e9:.2f} GB weights)",
+                f"{tpot / roof:.3f}x roofline (target <= 1.15x)",
             ]
         )
-        if fused_default:
-            set_fused_linears(engine, False)
-            timed_steps(engine, 5)
-            tpot_unfused = statistics.median(timed_steps(engine, args.steps))
-            ms_unfused = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
-            set_fused_linears(engine, True, pdl=False)
-            timed_steps(engine, 5)
-            tpot_nopdl = statistics.median(timed_steps(engine, args.steps))
-            ms_nopdl = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
-            set_fused_linears(engine, True)
-            timed_steps(engine, 5)
-            tpot_fused = statistics.median(timed_steps(engine, args.steps))
+        rows += mode_rows(modes, roof)
+        settle(engine)
+        if graphs is not None:
+            from triton.testing import do_bench
+
+            from kernels import ops
+
+            fused_default = ops.fuses_linears is not ops.never
+            # The graph holds the 32 layers, the final norm and lm_head; the sampler runs after it.
+            graph_roof = weight_bytes / bw
             ms = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
             rows.append(
                 [
-                    "  same, fused linears off (cuBLAS + norm/SiLU kernels)",
-                    f"{tpot_unfused * 1e3:.2f} ms",
-                    f"fused on, timed again: {tpot_fused * 1e3:.2f} ms",
-                    f"{tpot_unfused / roof:.2f}x roofline; fused is {tpot_unfused / tpot_fused:.2f}x faster",
+                    "  graph replay alone (layers + lm_head)",
+                    f"{ms:.2f} ms",
+                    f"roofline {graph_roof * 1e3:.2f} ms",
+                    f"{ms * 1e-3 / graph_roof:.2f}x roofline",
                 ]
             )
-            pdl_default = "on" if gemv_pdl_default() else "off"
-            rows.append(
-                [
-                    "  same, PDL off (GEMVs, fused attention)",
-                    f"{tpot_nopdl * 1e3:.2f} ms (graph {ms_nopdl:.2f} ms)",
-                    f"default (PDL {pdl_default}): {tpot_fused * 1e3:.2f} ms (graph {ms:.2f} ms)",
-                    f"default is {tpot_nopdl / tpot_fused:.2f}x faster (graph {ms_nopdl / ms:.2f}x)",
-                ]
-            )
-            rows.append(
-                [
-                    "  graph replay, fused linears off",
-                    f"{ms_unfused:.2f} ms",
-                    f"fused on: {ms:.2f} ms",
-                    f"{ms_unfused * 1e-3 / graph_roof:.2f}x roofline; fused is {ms_unfused / ms:.2f}x faster",
-                ]
-            )
-        from server.engine import cuda_graphs
+            if fused_default:
+                set_fused_linears(engine, False)
+                timed_steps(engine, 5)
+                tpot_unfused = statistics.median(timed_steps(engine, args.steps))
+                ms_unfused = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
+                set_fused_linears(engine, True, pdl=False)
+                timed_steps(engine, 5)
+                tpot_nopdl = statistics.median(timed_steps(engine, args.steps))
+                ms_nopdl = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
+                set_fused_linears(engine, True)
+                timed_steps(engine, 5)
+                tpot_fused = statistics.median(timed_steps(engine, args.steps))
+                ms = do_bench(graphs._graphs[1][0].replay, warmup=20, rep=200, return_mode="median")
+                rows.append(
+                    [
+                        "  same, fused linears off (cuBLAS + norm/SiLU kernels)",
+                        f"{tpot_unfused * 1e3:.2f} ms",
+                        f"fused on, timed again: {tpot_fused * 1e3:.2f} ms",
+                        f"{tpot_unfused / roof:.2f}x roofline; fused is {tpot_unfused / tpot_fused:.2f}x faster",
+                    ]
+                )
+                pdl_default = "on" if gemv_pdl_default() else "off"
+                rows.append(
+                    [
+                        "  same, PDL off (GEMVs, fused attention)",
+                        f"{tpot_nopdl * 1e3:.2f} ms (graph {ms_nopdl:.2f} ms)",
+                        f"default (PDL {pdl_default}): {tpot_fused * 1e3:.2f} ms (graph {ms:.2f} ms)",
+                        f"default is {tpot_nopdl / tpot_fused:.2f}x faster (graph {ms_nopdl / ms:.2f}x)",
+                    ]
+                )
+                rows.append(
+                    [
+                        "  graph replay, fused linears off",
+                        f"{ms_unfused:.2f} ms",
+                        f"fused on: {ms:.2f} ms",
+                        f"{ms_unfused * 1e-3 / graph_roof:.2f}x roofline; fused is {ms_unfused / ms:.2f}x faster",
+                    ]
+                )
+            from server.engine import cuda_graphs
 
-        default = cuda_graphs.stage_kernel_enabled()
-        cuda_graphs.STAGE_KERNEL = not default
-        timed_steps(engine, 5)
-        tpot_stage = statistics.median(timed_steps(engine, args.steps))
-        cuda_graphs.STAGE_KERNEL = default
-        timed_steps(engine, 5)
-        tpot_default = statistics.median(timed_steps(engine, args.steps))
-        rows.append(
-            [
-                f"  same, input staging {'in torch ops' if default else 'as one Triton kernel'}",
-                f"{tpot_stage * 1e3:.3f} ms",
-                f"default ({'one kernel' if default else 'torch ops'}): {tpot_default * 1e3:.3f} ms",
-                f"default is {tpot_stage / tpot_default:.3f}x faster",
-            ]
-        )
-        g1 = graphs._graphs[1][0]
-        timeline_md = (
-            "\n\nBatch-1 decode, one engine step as the device runs it (default settings; "
-            "torch.profiler/CUPTI over 4 steps, the last full one shown):\n\n"
-            + profile_steps(engine, 4)
-        )
-        breakdowns[1] = phase_breakdown(engine, 20)
-        if args.profile_replays:
-            profile_md, prof = profile_replays(g1, args.profile_replays)
-            gap = prof["span_us"] - prof["busy_us"]
-            profile_md = (
-                f"\n\nBatch-1 decode graph, kernel profile ({args.profile_replays} replays, "
-                f"torch.profiler/CUPTI): {prof['kernels_per_replay']} kernels per replay, "
-                f"{prof['busy_us'] / 1e3:.3f} ms of kernel time in a {prof['span_us'] / 1e3:.3f} ms "
-                f"span (first kernel start to last kernel end; {gap / 1e3:.3f} ms between "
-                f"kernels); graph's roofline {graph_roof * 1e3:.2f} ms.\n\n" + profile_md
+            default = cuda_graphs.stage_kernel_enabled()
+            cuda_graphs.STAGE_KERNEL = not default
+            timed_steps(engine, 5)
+            tpot_stage = statistics.median(timed_steps(engine, args.steps))
+            cuda_graphs.STAGE_KERNEL = default
+            timed_steps(engine, 5)
+            tpot_default = statistics.median(timed_steps(engine, args.steps))
+            rows.append(
+                [
+                    f"  same, input staging {'in torch ops' if default else 'as one Triton kernel'}",
+                    f"{tpot_stage * 1e3:.3f} ms",
+                    f"default ({'one kernel' if default else 'torch ops'}): {tpot_default * 1e3:.3f} ms",
+                    f"default is {tpot_stage / tpot_default:.3f}x faster",
+                ]
             )
+            g1 = graphs._graphs[1][0]
+            timeline_md = (
+                "\n\nBatch-1 decode, one engine step as the device runs it (default settings; "
+                "torch.profiler/CUPTI over 4 steps, the last full one shown):\n\n"
+                + profile_steps(engine, 4)
+            )
+            breakdowns[1] = phase_breakdown(engine, 20)
+            if args.profile_replays:
+                profile_md, prof = profile_replays(g1, args.profile_replays)
+                gap = prof["span_us"] - prof["busy_us"]
+                profile_md = (
+                    f"\n\nBatch-1 decode graph, kernel profile ({args.profile_replays} replays, "
+                    f"torch.profiler/CUPTI): {prof['kernels_per_replay']} kernels per replay, "
+                    f"{prof['busy_us'] / 1e3:.3f} ms of kernel time in a {prof['span_us'] / 1e3:.3f} ms "
+                    f"span (first kernel start to last kernel end; {gap / 1e3:.3f} ms between "
+                    f"kernels); graph's roofline {graph_roof * 1e3:.2f} ms.\n\n" + profile_md
+                )
     while engine.has_unfinished_requests():
         engine.abort(
             [r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)]

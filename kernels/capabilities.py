@@ -200,6 +200,31 @@ def skinny_gemm_enabled() -> bool:
     return os.environ.get("PDSERVE_SKINNY_GEMM", "1") != "0"
 
 
+def blas_plan_enabled() -> bool:
+    """Whether decode linears may run on cuBLASLt where start-up timing picks it
+    (kernels/blas_plan.py); PDSERVE_BLAS_PLAN=0 keeps torch's default library everywhere."""
+    return os.environ.get("PDSERVE_BLAS_PLAN", "1") != "0"
+
+
+def tune_decode_blas(model: torch.nn.Module, rows: list[int]) -> None:
+    """On CUDA: time cuBLAS against cuBLASLt for each decode linear at the decode batches of
+    `rows` rows (one row only when the fused GEMVs are off: they serve it otherwise) and plan
+    the winners; logs what was picked and how long it took."""
+    from kernels import blas_plan
+
+    if not blas_plan_enabled():
+        blas_plan.set_plan({})
+        log.info("BLAS plan off (PDSERVE_BLAS_PLAN=0): decode linears use torch's default library")
+        return
+    rows = [r for r in rows if r > 1 or not fused_gemv_enabled()]
+    if not rows or blas_plan.plan_linears(model) == 0:
+        return
+    t0 = time.perf_counter()
+    for line in blas_plan.tune(model, rows):
+        log.info("%s", line)
+    log.info("BLAS plan tuned in %.1f s", time.perf_counter() - t0)
+
+
 def tune_decode_linears(model: torch.nn.Module, rows: list[int]) -> None:
     """With the Triton ops installed: time the skinny GEMM against cuBLAS for the decode
     batches of `rows` rows and plan the winners; logs what was picked and how long it took."""

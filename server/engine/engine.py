@@ -14,6 +14,7 @@ from kernels.attention.selector import select_backend
 from kernels.capabilities import (
     install_fused_ops,
     tune_decode_attention,
+    tune_decode_blas,
     tune_decode_linears,
 )
 from kvcache.layout import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget
@@ -151,6 +152,7 @@ class EngineCore:
             tune_decode_attention(self.attn, sizes, max_len)
         graphs = None
         if use_graphs:
+            tune_decode_blas(self.model, sizes)  # first: the skinny GEMM is timed against it
             tune_decode_linears(self.model, sizes)
             graphs = CudaGraphRunner(self.model, self.attn, config.block_size, graph_sizes, max_len,
                                      dummy_block=num_blocks, device=self.device)
