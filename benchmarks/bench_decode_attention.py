@@ -72,6 +72,29 @@ class FusedDecode:
                                       m.block_tables, m.seq_lens, D**-0.5, self.ws, num_splits=self.splits)
 
 
+class XQADecode:
+    """rope_store + FlashInfer's XQA decode kernel (TensorRT-LLM's, `xqa_batch_decode_with_kv_cache`;
+    on sm90 with a bf16 cache its generic kernel), driven as a backend's forward_rope."""
+
+    def __init__(self, cache: torch.Tensor) -> None:
+        self.cache = cache
+        self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=cache.device)  # zeroed: its semaphores
+
+    def plan_cuda_graph(self, meta: AttentionMetadata) -> None:
+        self.meta = meta
+        self.max_len = meta.block_tables.shape[1] * PAGE
+
+    def forward_rope(self, layer: int, q, k, v, positions, rope) -> torch.Tensor:
+        from flashinfer.decode import xqa_batch_decode_with_kv_cache
+
+        from kernels.triton.rope_store import rope_and_store
+
+        m, kv = self.meta, self.cache[:, layer]
+        q = rope_and_store(q, k, v, positions, rope.cos, rope.sin, kv, m.slot_mapping)
+        return xqa_batch_decode_with_kv_cache(q, kv, self.workspace, m.block_tables, m.seq_lens, self.max_len,
+                                              bmm1_scale=D**-0.5)
+
+
 def read_bandwidth() -> float:
     """Bytes/s of a Triton kernel that reads 4 GiB and writes one float per program."""
     import triton
@@ -109,6 +132,7 @@ def variants(batch: int, sweep: bool = False):
             out[f"rope_store + triton {cfg}"] = lambda c, cfg=cfg: TritonAttentionBackend(
                 c, HQ, HKV, D, split_kv_decode_max_batch=0, decode_config=cfg)
         out["flashinfer backend, defaults"] = lambda c: fi(c, HQ, HKV, D)
+        out["rope_store + flashinfer xqa"] = XQADecode
         return out
     return {
         "rope_store + flashinfer tensor-core": lambda c: fi(c, HQ, HKV, D, cuda_core_decode_max_batch=0, split_kv_decode_max_batch=0),
@@ -119,6 +143,7 @@ def variants(batch: int, sweep: bool = False):
         "fused split-KV, 16 splits": lambda c: FusedDecode(c, batch, 16),
         "fused split-KV, 32 splits": lambda c: FusedDecode(c, batch, 32),
         "flashinfer backend, defaults": lambda c: fi(c, HQ, HKV, D),
+        "rope_store + flashinfer xqa": XQADecode,
     }  # fmt: skip
 
 
