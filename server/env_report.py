@@ -12,6 +12,7 @@ import torch
 
 from kernels.capabilities import (
     TRITON_DECODE_TILES,
+    blas_plan_enabled,
     choose_attention_backend,
     fused_gemv_enabled,
     module_version,
@@ -77,11 +78,22 @@ def report() -> list[tuple[str, str]]:
         if ops.name == "triton":
             rows.append((f"{dev} batch-1 GEMV", "fused Triton GEMVs" if fused_gemv_enabled()
                          else "cuBLAS + norm/SiLU kernels (PDSERVE_FUSED_GEMV=0)"))
-            rows.append((f"{dev} decode-batch linears", "cuBLAS or the skinny GEMM, timed per batch size at "
-                         "engine start" if skinny_gemm_enabled() else "cuBLAS (PDSERVE_SKINNY_GEMM=0)"))
+            rows.append((f"{dev} decode-batch linears", decode_linears_line(blas_plan_enabled(), skinny_gemm_enabled())))
             pdl = pdl_choice(dev)
             rows.append((f"{dev} programmatic dependent launch", f"{pdl.name} ({pdl.why})"))
     return rows
+
+
+def decode_linears_line(blas_plan: bool, skinny: bool) -> str:
+    """What may run a decode batch's linears, as `pdserve env` says it."""
+    kinds = ["cuBLAS or cuBLASLt" if blas_plan else "torch's default BLAS library"]
+    if skinny:
+        kinds.append("the skinny GEMM")
+    off = [flag for flag, on in (("PDSERVE_BLAS_PLAN=0", blas_plan), ("PDSERVE_SKINNY_GEMM=0", skinny)) if not on]
+    line = " or ".join(kinds)
+    if blas_plan or skinny:
+        line += ", timed per batch size at engine start"
+    return line + (f" ({', '.join(off)})" if off else "")
 
 
 def cmd_env(args: argparse.Namespace) -> int:

@@ -191,6 +191,24 @@ def test_skinny_gemm_setting(monkeypatch):
     assert not skinny_gemm_enabled()
 
 
+def test_blas_plan_setting_and_env_line(monkeypatch):
+    from kernels.capabilities import blas_plan_enabled
+    from server.env_report import decode_linears_line
+
+    monkeypatch.delenv("PDSERVE_BLAS_PLAN", raising=False)
+    assert blas_plan_enabled()
+    monkeypatch.setenv("PDSERVE_BLAS_PLAN", "0")
+    assert not blas_plan_enabled()
+    assert decode_linears_line(True, True) == (
+        "cuBLAS or cuBLASLt or the skinny GEMM, timed per batch size at engine start")
+    assert decode_linears_line(False, True) == (
+        "torch's default BLAS library or the skinny GEMM, timed per batch size at engine start (PDSERVE_BLAS_PLAN=0)")
+    assert decode_linears_line(True, False) == (
+        "cuBLAS or cuBLASLt, timed per batch size at engine start (PDSERVE_SKINNY_GEMM=0)")
+    assert decode_linears_line(False, False) == (
+        "torch's default BLAS library (PDSERVE_BLAS_PLAN=0, PDSERVE_SKINNY_GEMM=0)")
+
+
 def test_decode_tile_for():
     """The per-batch rule of the FlashInfer backend's Triton decode: outside the range always
     FlashInfer; untuned, the default tile across the range; tuned, the choice of the smallest
