@@ -96,7 +96,7 @@ def tune(layers: Iterable[torch.nn.Module], rows: Iterable[int]) -> list[str]:
     winning tile need not pay for the add kernels the others then need. Each skinny tile has
     already won its own linear by MIN_GAIN, so the layer needs no second margin: with one
     (H100, 64 rows, 146.5 vs 148.6 us) the unfused path was kept and the engine's batch-64
-    step ran 9.44 ms against 9.36 ms on the fused path (2026-12-06-gpu-llama8b-6/-7.md)."""
+    step ran 9.44 ms against 9.36 ms on the fused path (2026-12-06-skinny-layer-margin.md)."""
     layers = list(layers)
     kinds = {
         "o": ([m.o_proj.weight for m in layers], False, True),
