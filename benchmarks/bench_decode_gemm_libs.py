@@ -19,22 +19,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_gpu import copy_bandwidth  # noqa: E402
-from benchmarks.common import table, write_result  # noqa: E402
+from benchmarks.common import graph_replay_us, table, write_result  # noqa: E402
 
 SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate|up", 28672, 4096), ("down", 4096, 14336),
           ("lm_head", 128256, 4096))  # fmt: skip
 MAX_ALGOS, ALGO_BYTES = 100, 64  # FlashInfer's buffer for cuBLASLt's heuristic results
-
-
-def graph_us(fn, calls: int) -> float:
-    from triton.testing import do_bench
-
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1e3 / calls
 
 
 def time_shape(lt, workspace: torch.Tensor, rows: int, n: int, k: int) -> tuple[dict[str, float], list[tuple[float, int, float]]]:
@@ -50,7 +39,7 @@ def time_shape(lt, workspace: torch.Tensor, rows: int, n: int, k: int) -> tuple[
     lib_us = {}
     for lib in blas_plan.LIBRARIES:
         with blas_plan.library(lib):
-            lib_us[lib] = graph_us(lambda: [torch.matmul(x, w.t(), out=o) for w, o in pairs], copies)
+            lib_us[lib] = graph_replay_us(lambda: [torch.matmul(x, w.t(), out=o) for w, o in pairs], copies, rep_ms=100)
     algos = torch.empty(MAX_ALGOS * ALGO_BYTES, dtype=torch.uint8)
     count = lt.mm_bf16_cublaslt_get_algos(x, ws[0], outs[0], workspace, handle, algos)
     ref = x.float() @ ws[0].float().t()
@@ -59,7 +48,7 @@ def time_shape(lt, workspace: torch.Tensor, rows: int, n: int, k: int) -> tuple[
         lt.mm_bf16_cublaslt_run_with_algo(x, ws[0], outs[0], workspace, handle, algos, t)
         err = ((outs[0].float() - ref).abs().max() / ref.abs().max()).item()
         run = lambda t=t: [lt.mm_bf16_cublaslt_run_with_algo(x, w, o, workspace, handle, algos, t) for w, o in pairs]  # noqa: E731
-        timed.append((graph_us(run, copies), t, err))
+        timed.append((graph_replay_us(run, copies, rep_ms=100), t, err))
     return lib_us, timed
 
 

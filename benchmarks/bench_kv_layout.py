@@ -30,21 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_decode_attention import read_bandwidth  # noqa: E402
 from benchmarks.bench_gpu import copy_bandwidth  # noqa: E402
-from benchmarks.common import table, write_result  # noqa: E402
+from benchmarks.common import graph_replay_us, table, write_result  # noqa: E402
 
 LAYERS, HQ, HKV, D = 32, 32, 8, 128
 TILES = ((32, 4, 2), (64, 4, 3))
-
-
-def graph_us(fn, calls: int) -> float:
-    from triton.testing import do_bench
-
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return do_bench(g.replay, warmup=10, rep=200, return_mode="median") * 1e3 / calls
 
 
 def layout(kind: str, page: int, blocks: int) -> tuple[torch.Tensor, callable]:
@@ -67,7 +56,7 @@ def attention_rows(batch: int, ctx: int, big_gib: float) -> list[list[str]]:
     x = torch.randn(batch, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(28672, 4096, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(batch, 28672, device="cuda", dtype=torch.bfloat16)
-    gemm_us = graph_us(lambda: [torch.matmul(x, w.t(), out=y) for _ in range(LAYERS)], LAYERS)
+    gemm_us = graph_replay_us(lambda: [torch.matmul(x, w.t(), out=y) for _ in range(LAYERS)], LAYERS)
     rows = []
     cases = [("block-major", 16, "small", "sequential"), ("block-major", 16, "big", "sequential"),
              ("block-major", 16, "big", "random"), ("block-major", 16, "small", "random"),
@@ -87,8 +76,8 @@ def attention_rows(batch: int, ctx: int, big_gib: float) -> list[list[str]]:
             def attend(i: int, view=view, tables=tables, tile=tile) -> None:
                 paged_attention(q, view(i), tables, seq_lens, qsl, 1, D**-0.5, out=out, config=tile)
 
-            alone = graph_us(lambda attend=attend: [attend(i) for i in range(LAYERS)], LAYERS)
-            mixed = graph_us(lambda attend=attend: [(attend(i), torch.matmul(x, w.t(), out=y)) for i in range(LAYERS)],
+            alone = graph_replay_us(lambda attend=attend: [attend(i) for i in range(LAYERS)], LAYERS)
+            mixed = graph_replay_us(lambda attend=attend: [(attend(i), torch.matmul(x, w.t(), out=y)) for i in range(LAYERS)],
                              LAYERS) - gemm_us
             rows.append([kind, page, f"{size} ({blocks * per_block / 2**30:.1f} GiB)", order, str(tile),
                          f"{alone:.1f}", f"{mixed:.1f}"])
@@ -106,9 +95,9 @@ def gemm_rows(batch: int, bw: float) -> list[list[str]]:
         x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]  # 8 copies: no L2 reuse
         ideal = n * k * 2 / bw * 1e6
-        nt = graph_us(lambda x=x, ws=ws: [x @ w.t() for w in ws], len(ws))
-        tn = graph_us(lambda x=x, ws=ws: [(w @ x.t()).t().contiguous() for w in ws], len(ws))
-        tn_raw = graph_us(lambda x=x, ws=ws: [w @ x.t() for w in ws], len(ws))
+        nt = graph_replay_us(lambda x=x, ws=ws: [x @ w.t() for w in ws], len(ws))
+        tn = graph_replay_us(lambda x=x, ws=ws: [(w @ x.t()).t().contiguous() for w in ws], len(ws))
+        tn_raw = graph_replay_us(lambda x=x, ws=ws: [w @ x.t() for w in ws], len(ws))
         rows.append([name, f"{batch}x{k} @ {k}x{n}", f"{ideal:.1f}", f"{nt:.1f} ({nt / ideal:.2f}x)",
                      f"{tn_raw:.1f} ({tn_raw / ideal:.2f}x)", f"{tn:.1f} ({tn / ideal:.2f}x)"])
         print(rows[-1], flush=True)

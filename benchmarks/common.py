@@ -79,3 +79,17 @@ def write_result(name: str, body: str, command: str) -> Path:
         f"{body}\n"
     )
     return path
+
+
+def graph_replay_us(fn, calls: int, rep_ms: int = 200) -> float:
+    """Median device time per call of `fn()`, which makes `calls` calls, captured in one CUDA
+    graph after one eager run (compiles kernels, picks cuBLAS heuristics outside the capture)."""
+    import torch
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return do_bench(g.replay, warmup=10, rep=rep_ms, return_mode="median") * 1e3 / calls
