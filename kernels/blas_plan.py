@@ -13,7 +13,9 @@ faster; the library that is not torch's current default must win by `MIN_GAIN`.
 The plan is process-wide and covers the decode CUDA-graph row counts it was tuned for; any
 other call (prefill GEMMs of hundreds of rows and up, CPU tensors) takes torch's default.
 `plan_linears` swaps the model's `nn.Linear` modules for `PlannedLinear` (same parameters),
-whose forward asks the plan.
+whose forward asks the plan. The switch is torch's process-wide preferred-library flag, set
+around the one call and restored after it; torch logs a one-time "experimental feature"
+warning the first time it is set.
 """
 
 from __future__ import annotations
