@@ -55,10 +55,10 @@ class FusedDecode:
     """The fused kernel at a fixed split count, driven as a backend's forward_rope (the engine
     picks the split count from the SM count: `SplitKVWorkspace.splits_for`)."""
 
-    def __init__(self, cache: torch.Tensor, batch: int, splits: int) -> None:
+    def __init__(self, cache: torch.Tensor, batch: int, splits: int, config=None) -> None:
         from kernels.triton.decode_attention import SplitKVWorkspace
 
-        self.cache, self.splits = cache, splits
+        self.cache, self.splits, self.config = cache, splits, config
         self.ws = SplitKVWorkspace(batch, HQ, HKV, D, cache.device, max_splits=splits)
 
     def plan_cuda_graph(self, meta: AttentionMetadata) -> None:
@@ -69,7 +69,8 @@ class FusedDecode:
 
         m = self.meta
         return fused_decode_attention(q, k, v, positions, rope.cos, rope.sin, self.cache[:, layer], m.slot_mapping,
-                                      m.block_tables, m.seq_lens, D**-0.5, self.ws, num_splits=self.splits)
+                                      m.block_tables, m.seq_lens, D**-0.5, self.ws, num_splits=self.splits,
+                                      config=self.config)
 
 
 class XQADecode:
@@ -121,11 +122,25 @@ TRITON_DECODE_CONFIGS = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8,
                          (16, 2, 3), (16, 2, 4), (32, 2, 2), (16, 4, 3)]
 
 
-def variants(batch: int, sweep: bool = False):
+FUSED_CONFIGS = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)]
+
+
+def variants(batch: int, sweep: bool = False, fused_sweep: bool = False):
     from kernels.attention.flashinfer_backend import FlashInferAttentionBackend
     from kernels.attention.triton_backend import TritonAttentionBackend
 
     fi = FlashInferAttentionBackend
+    if fused_sweep:  # the fused split-KV kernel's split counts and tiles against FlashInfer
+        out = {"rope_store + flashinfer tensor-core": lambda c: fi(c, HQ, HKV, D, cuda_core_decode_max_batch=0, split_kv_decode_max_batch=0),
+               "rope_store + flashinfer xqa": XQADecode,
+               "flashinfer backend, defaults": lambda c: fi(c, HQ, HKV, D)}
+        programs = batch * HKV
+        for splits in (1, 2, 4, 8, 16, 32, 64, 128):
+            if not 128 <= programs * splits <= 1024 and not (programs >= 1024 and splits == 1):
+                continue
+            for cfg in FUSED_CONFIGS:
+                out[f"fused, {splits} splits, {cfg}"] = lambda c, s=splits, cfg=cfg: FusedDecode(c, batch, s, cfg)
+        return out
     if sweep:  # the Triton paged kernel's decode tiles against FlashInfer's tensor-core decode
         out = {"rope_store + flashinfer tensor-core": lambda c: fi(c, HQ, HKV, D, cuda_core_decode_max_batch=0, split_kv_decode_max_batch=0)}
         for cfg in TRITON_DECODE_CONFIGS:
@@ -174,6 +189,9 @@ def main() -> int:
     ap.add_argument("--triton-sweep", action="store_true",
                     help="FlashInfer tensor-core decode vs the Triton paged kernel's decode tiles "
                          "(BLOCK_N, warps, stages), and the FlashInfer backend's defaults")
+    ap.add_argument("--fused-sweep", action="store_true",
+                    help="the fused split-KV kernel's split counts and (BLOCK_N, warps, stages) tiles "
+                         "against FlashInfer's tensor-core and XQA decode")
     args = ap.parse_args()
     bw, read_bw = copy_bandwidth(), read_bandwidth()
     torch.cuda.empty_cache()
@@ -196,7 +214,7 @@ def main() -> int:
             floor_us = batch * ctx * per_token / LAYERS / bw * 1e6
             read_us = batch * ctx * per_token / LAYERS / read_bw * 1e6
             ref = None
-            names = variants(batch, args.triton_sweep)
+            names = variants(batch, args.triton_sweep, args.fused_sweep)
             for name, make in names.items():
                 try:
                     us, out = time_variant(make, cache, meta, q, k, v, positions, rope)

@@ -321,6 +321,14 @@ def main() -> int:
     ap.add_argument(
         "--no-b1", action="store_true", help="skip the batch-1 decode part (A/B runs of the batched steps)"
     )
+    ap.add_argument(
+        "--b1-context", type=int, default=200, help="tokens of context in the batch-1 decode part"
+    )
+    ap.add_argument(
+        "--decode-batches",
+        default="64,128",
+        help="batch sizes of the batched decode part (1k tokens of context each)",
+    )
     ap.add_argument("--profile-replays", type=int, default=20, help="0: no kernel profile")
     args = ap.parse_args()
     logging.basicConfig(
@@ -372,15 +380,16 @@ def main() -> int:
     breakdowns: dict[int, dict[str, float]] = {}
     profile_md = timeline_md = ""
     if not args.no_b1:
-        add(engine, "b1", 1, 128, 8 * args.steps + 200, gen)
+        # the prompt leaves ~72 tokens for the warm-up and timed steps before the profile
+        add(engine, "b1", 1, max(1, args.b1_context - 72), 8 * args.steps + 200, gen)
         prefill_all(engine)
         timed_steps(engine, 5)
         modes = decode_modes(engine, args.steps)
         tpot = modes["overlap"]
-        roof = (weight_bytes + 200 * kv_per_token) / bw
+        roof = (weight_bytes + args.b1_context * kv_per_token) / bw
         rows.append(
             [
-                "decode TPOT, batch 1, ctx ~200",
+                f"decode TPOT, batch 1, ctx ~{args.b1_context}",
                 f"{tpot * 1e3:.3f} ms",
                 f"roofline {roof * 1e3:.3f} ms ({weight_bytes / 1e9:.2f} GB weights)",
                 f"{tpot / roof:.3f}x roofline (target <= 1.15x)",
@@ -483,8 +492,8 @@ def main() -> int:
         )
         engine.step()
 
-    # (b) decode at batch 64 and 128, 1k context
-    for batch in () if args.only_b1 else (64, 128):
+    # (b) decode at batch 64 and 128 (--decode-batches), 1k context
+    for batch in () if args.only_b1 else [int(b) for b in args.decode_batches.split(",")]:
         # Tokens for the timed steps (3 modes), the phase breakdown and the profile: every
         # request must still be running at the end, or the batch shrinks into a smaller graph.
         add(engine, f"b{batch}", batch, 1024, 3 * args.steps + 60 + args.profile_replays, gen)

@@ -129,9 +129,9 @@ def fused_gemv_enabled() -> bool:
 def split_kv_decode_max_batch() -> int:
     """Largest pure-decode batch that the FlashInfer and Triton attention backends run as one
     fused Triton kernel per layer (RoPE + K/V store + split-KV attention + merge,
-    kernels/triton/decode_attention.py); env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH, default 4,
+    kernels/triton/decode_attention.py); env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH, default 32,
     0 = never."""
-    return int(os.environ.get("PDSERVE_SPLIT_KV_DECODE_MAX_BATCH", "4"))
+    return int(os.environ.get("PDSERVE_SPLIT_KV_DECODE_MAX_BATCH", "32"))
 
 
 def triton_decode_batches() -> tuple[int, int, tuple[int, int, int]]:

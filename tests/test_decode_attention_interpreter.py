@@ -54,8 +54,8 @@ def _reference(before, meta, q, k, v, pos, hq, hkv, d):
 @pytest.mark.parametrize(("hq", "hkv", "d", "dtype"), [
     (8, 2, 32, torch.float32), (3, 3, 16, torch.float32), (6, 2, 64, torch.float32), (8, 2, 32, torch.float16),
 ])  # fmt: skip
-@pytest.mark.parametrize("splits", [1, 3, 8])
-def test_fused_decode_matches_float64(dec, hq, hkv, d, dtype, splits):
+@pytest.mark.parametrize(("splits", "config"), [(1, None), (3, None), (8, None), (64, None), (5, (16, 4, 2))])
+def test_fused_decode_matches_float64(dec, hq, hkv, d, dtype, splits, config):
     gen = torch.Generator().manual_seed(hq * 100 + d + splits)
     lens = [1, 2, 17, 100, 33]
     nb = 32
@@ -69,9 +69,9 @@ def test_fused_decode_matches_float64(dec, hq, hkv, d, dtype, splits):
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     layer = cache[:, 1]
     before = cache.clone()
-    ws = dec.SplitKVWorkspace(8, hq, hkv, d, CPU, max_splits=8)
+    ws = dec.SplitKVWorkspace(8, hq, hkv, d, CPU, max_splits=64)
     out = dec.fused_decode_attention(q, k, v, pos, rope.cos, rope.sin, layer, slots, meta.block_tables,
-                                     meta.seq_lens, d**-0.5, ws, num_splits=splits)
+                                     meta.seq_lens, d**-0.5, ws, num_splits=splits, config=config)
     ref, kr = _reference(before[:, 1], meta, q, k, v, pos, hq, hkv, d)
     assert out.shape == (len(lens), hq * d) and out.dtype == dtype
     assert rel_err(out, ref) < tol
@@ -91,7 +91,7 @@ def test_fused_decode_workspace_reuse(dec):
     hq, hkv, d, nb = 8, 2, 32, 40
     gen = torch.Generator().manual_seed(7)
     ws = dec.SplitKVWorkspace(4, hq, hkv, d, CPU)
-    assert ws.max_splits == 32 and ws.splits_for(1) == 32 and ws.splits_for(4) == 32
+    assert ws.max_splits == 64 and ws.splits_for(1) == 64 and ws.splits_for(4) == 32
     rope = RotaryEmbedding(d, 512, 10000.0, None, torch.float32)
     for lens, splits in (([40, 3], 4), ([200], None), ([1, 64, 65, 16], 2)):
         cache = random_cache(nb, 1, BS, hkv, d, torch.float32, CPU, gen)
@@ -108,6 +108,16 @@ def test_fused_decode_workspace_reuse(dec):
         dec.fused_decode_attention(*_qkv(5, hq, hkv, d, gen), pos[:1].repeat(5), rope.cos, rope.sin,
                                    cache[:, 0], meta.slot_mapping[:1].repeat(5), meta.block_tables[:1].repeat(5, 1),
                                    meta.seq_lens[:1].repeat(5), d**-0.5, ws)
+
+
+def test_split_rule(dec):
+    """About two programs per SM (132 here): 8B-shaped heads take 32 splits at batch 1, halving
+    with each doubling of the batch, one split from batch 24; the workspace caps the count."""
+    ws = dec.SplitKVWorkspace(32, 32, 8, 128, CPU)
+    assert [ws.splits_for(b) for b in (1, 2, 3, 4, 8, 16, 24, 32)] == [32, 16, 8, 8, 4, 2, 1, 1]
+    assert all(b * 8 * ws.splits_for(b) <= 2 * 132 for b in range(1, 33))
+    assert dec.SplitKVWorkspace(4, 32, 8, 128, CPU, max_splits=8).splits_for(1) == 8
+    assert dec.SplitKVWorkspace(4, 9, 3, 64, CPU).splits_for(1) == dec.MAX_SPLITS
 
 
 @pytest.mark.parametrize("threshold", [4, 2])

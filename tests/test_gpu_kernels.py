@@ -198,6 +198,7 @@ def test_stage_decode(n, bs, w, with_tokens, gen):
 
 
 FUSED_SHAPES = [(32, 8, 128), (9, 3, 64), (8, 8, 128)]
+FUSED_CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2), (16, 4, 4)]
 FUSED_LENS = {
     "one": [1],
     "two": [2],
@@ -250,7 +251,8 @@ def _fused_reference(layer, tables, lens, q, k, v, pos, hq, hkv, d):
 def test_fused_decode_attention(dtype, hq, hkv, d, case, gen):
     """kernels/triton/decode_attention.py (RoPE + store + split-KV + in-launch merge) against
     float64 attention: the output, the rotated k and the v stored at each slot, nothing else
-    written, counters back at 0; every split count from 1 to the workspace's maximum."""
+    written, counters back at 0; split counts from 1 to 64 (most splits of a short sequence
+    exit at once) and every loop tile the engine may pick."""
     from kernels.triton.decode_attention import SplitKVWorkspace, fused_decode_attention
 
     lens = FUSED_LENS[case]
@@ -258,19 +260,21 @@ def test_fused_decode_attention(dtype, hq, hkv, d, case, gen):
     cache, meta, slots, q, k, v = _fused_inputs(lens, hq, hkv, d, dtype, gen, pad=pad)
     rope = RotaryEmbedding(d, 8192, 500000.0, LLAMA3, dtype).to(DEV)
     pos = meta.seq_lens.long() - 1
-    ws = SplitKVWorkspace(8, hq, hkv, d, DEV)
+    ws = SplitKVWorkspace(8, hq, hkv, d, DEV, max_splits=64)
     before = cache.clone()
     ref, kr = _fused_reference(before[:, 1], meta.block_tables, lens, q, k, v, pos, hq, hkv, d)
     ok = slots >= 0
     s = slots[ok]
     bs = cache.shape[3]
-    for splits in (None, 1, 3, ws.max_splits):
+    runs = [(None, None), (1, None), (3, None), (16, None), (64, None)]
+    runs += [(splits, cfg) for cfg in FUSED_CONFIGS for splits in (5, 64)]
+    for splits, cfg in runs:
         cache.copy_(before)
         poison_allocator(DEV)
         out = fused_decode_attention(q, k, v, pos, rope.cos, rope.sin, cache[:, 1], slots, meta.block_tables,
-                                     meta.seq_lens, d**-0.5, ws, num_splits=splits)
+                                     meta.seq_lens, d**-0.5, ws, num_splits=splits, config=cfg)
         assert out.shape == (len(lens), hq * d) and out.dtype == dtype
-        assert rel_err(out, ref) < TOL[dtype], splits
+        assert rel_err(out, ref) < TOL[dtype], (splits, cfg)
         assert not ws.counters.any()
         layer = cache[:, 1]
         assert rel_err(layer[s // bs, 0, s % bs], kr[ok]) < TOL[dtype]

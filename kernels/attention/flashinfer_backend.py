@@ -73,7 +73,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             cuda_core_decode_max_batch = int(os.environ.get("PDSERVE_FLASHINFER_CUDA_CORE_DECODE_MAX_BATCH", "0"))
         self._cuda_core_max_batch = cuda_core_decode_max_batch
         # forward_rope of pure-decode batches of up to this many sequences: the fused split-KV
-        # kernel. None: env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH (default 4); 0 = never.
+        # kernel. None: env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH (default 32); 0 = never.
         self._split_kv = SplitKVDecode.for_backend(
             split_kv_decode_max_batch, kv_cache, num_heads, num_kv_heads, head_dim, self.scale
         )

@@ -51,7 +51,7 @@ class SplitKVDecode:
         scale: float,
     ) -> SplitKVDecode | None:
         """What a backend owns for `split_kv_decode_max_batch`: None = the setting of
-        kernels.capabilities (env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH, default 4); 0 = never (None
+        kernels.capabilities (env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH, default 32); 0 = never (None
         is returned)."""
         if max_batch is None:
             from kernels.capabilities import split_kv_decode_max_batch

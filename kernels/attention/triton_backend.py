@@ -44,7 +44,7 @@ class TritonAttentionBackend(AttentionBackend):
         self._rope_store = rope_and_store
         self._store = store_kv
         # forward_rope of pure-decode batches of up to this many sequences: the fused split-KV
-        # kernel. None: env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH (default 4); 0 = never.
+        # kernel. None: env PDSERVE_SPLIT_KV_DECODE_MAX_BATCH (default 32); 0 = never.
         self._split_kv = SplitKVDecode.for_backend(
             split_kv_decode_max_batch, kv_cache, num_heads, num_kv_heads, head_dim, self.scale
         )

@@ -16,24 +16,33 @@ it is launched with programmatic dependent launch (sm90+, see kernels/triton/gem
 `pdl_enabled`): everything that does not come from the preceding qkv GEMV (the step's
 metadata, the rope tables, the first BLOCK_N cached keys and values of the split) is loaded
 before `gdc_wait`, so those loads overlap that GEMV's tail
-(benchmarks/results/2026-12-02-gpu-llama8b-b1-5.md). Tested on the GPU by
+(benchmarks/results/2026-12-02-gpu-llama8b-b1-5.md). Since 2026-12-06 a sequence uses only the
+splits its length fills, the split count follows the batch size (about two programs per SM) and
+the loop tile is (64 keys, 4 warps, 2 stages); on an H100 that took batch 1 from 7.3 / 11.8 /
+30.4 us to 6.5 / 9.5 / 20.8 us at 256 / 1064 / 8192 tokens, and it beats FlashInfer's
+tensor-core decode up to batch 32 at 1k tokens (8 x 1064: 21.9 vs 28.0 us; 32 x 1064: 55.5 vs
+62.0), so it now serves pure-decode batches of up to 32 (2026-12-06-decode-attention-5.md).
+Tested on the GPU by
 tests/test_gpu_kernels.py (eager, CUDA-graph replays, a PDL chain with the GEMVs) and on the CPU
 interpreter by tests/test_decode_attention_interpreter.py.
 
-Grid (num_seqs, num_kv_heads, num_splits); num_splits is fixed (from the SM count,
-`SplitKVWorkspace.splits_for`), never from sequence lengths or a length bound, so a CUDA
-graph captured once replays for any lengths (a short sequence leaves some splits empty: they
-only write an empty partial). Program (seq, h, split):
+Grid (num_seqs, num_kv_heads, num_splits); num_splits is fixed (from the batch size and the SM
+count, `SplitKVWorkspace.splits_for`), never from sequence lengths or a length bound, so a CUDA
+graph captured once replays for any lengths. Each sequence splits its cached keys into
+`used` <= num_splits shares of a whole number of BLOCK_N keys, computed in the kernel from its
+length; programs with split >= used exit before loading anything else. Program (seq, h, split)
+with split < used:
 
 1. rotates the GROUP query heads of KV head h and the new token's k exactly as
    `kernels/triton/rope_store.py` does (float32, rounded once: q to q's dtype, k to the cache
    dtype);
 2. attends over its contiguous share of the cached keys [0, seq_len - 1) (a run-time range,
-   rounded to BLOCK_N keys); the LAST split also folds in the new token from registers (other
+   rounded to BLOCK_N keys); split 0 also folds in the new token from registers (other
    programs cannot see a store made in the same launch) and is the only program that stores
    the rotated k and v at slot_mapping[seq] (slot -1: no store, CUDA-graph padding rows);
 3. writes its partial (unnormalised o, running max m, sum l) to a float32 workspace, then
-   bumps an arrival counter per (seq, h); the program that arrives last merges every split,
+   bumps an arrival counter per (seq, h); the program that arrives last (the `used`-th)
+   merges the used splits,
    writes the output and resets the counter to 0 so the next launch (next layer, next graph
    replay) starts from 0.
 
@@ -66,8 +75,12 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.triton.gemv import pdl_enabled
 
-BLOCK_N = 32  # keys per loop iteration (two 16-token pages)
-MAX_SPLITS = 32
+Config = tuple[int, int, int]  # (BLOCK_N keys a loop step, warps, pipeline stages)
+# The tile and the split rule (`SplitKVWorkspace.splits_for`) from an H100 sweep of split counts
+# x tiles at batches 1-32, contexts 256-8192 (benchmarks/results/2026-12-06-decode-attention-5.md).
+DEFAULT_CONFIG: Config = (64, 4, 2)
+PROGRAMS_PER_SM = 2
+MAX_SPLITS = 64
 
 
 @triton.jit
@@ -101,7 +114,6 @@ def _fused_decode_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq64 = seq.to(tl.int64)
-    is_last = split == NUM_SPLITS - 1
     d = tl.arange(0, D_P2)
     d_ok = d < D
 
@@ -109,8 +121,15 @@ def _fused_decode_kernel(
     # the rope tables and the first tile of this split's share of the cached keys [0, L - 1)
     # (a run-time range, rounded to BLOCK_N keys). With PDL these loads overlap that kernel's
     # tail; q, k and v are read only after gdc_wait.
+    # The splits that hold keys: `used` of the grid's NUM_SPLITS, from this sequence's length
+    # (a short sequence uses few; the rest exit here, before any other load). Split 0 always
+    # runs: it also folds in the new token.
     n_cached = tl.load(SeqLens + seq) - 1
     share = tl.cdiv(tl.cdiv(n_cached, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    used = tl.maximum(tl.cdiv(n_cached, tl.maximum(share, 1)), 1)
+    if split >= used:
+        return
+    is_first = split == 0
     start = split * share
     end = tl.minimum(start + share, n_cached)
     bt_row = BlockTables + seq64 * stride_bt
@@ -166,9 +185,9 @@ def _fused_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # -- the new token (last split only), from registers
+    # -- the new token (split 0 only), from registers
     s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
-    s_new = tl.where(is_last, s_new, float("-inf"))
+    s_new = tl.where(is_first, s_new, float("-inf"))
     m_new = tl.maximum(m_i, s_new)
     p_new = tl.exp2(s_new - m_new)
     alpha = tl.exp2(m_i - m_new)
@@ -176,7 +195,7 @@ def _fused_decode_kernel(
     acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
     m_i = m_new
 
-    if is_last:
+    if is_first:
         slot = tl.load(Slots + seq).to(tl.int64)
         if slot >= 0:
             dst = Cache + (slot // PAGE) * stride_page + (slot % PAGE) * stride_entry + head_off + d
@@ -191,25 +210,25 @@ def _fused_decode_kernel(
     tl.store(PartO + idx[:, None] * D_P2 + d[None, :], acc, mask=qm)
     tl.debug_barrier()  # every thread's partial stores precede the releasing increment
     arrived = tl.atomic_add(Counters + pair, 1, sem="acq_rel", scope="gpu")
-    if arrived == NUM_SPLITS - 1:
-        # The splits' (m, l, o) in chunks of MERGE_P splits (all of them at the default split
-        # counts), each chunk's loads issued together: one memory round trip, not one per split.
+    if arrived == used - 1:
+        # The used splits' (m, l, o) in chunks of MERGE_P splits, each chunk's loads issued
+        # together: one memory round trip per chunk, not one per split.
         g = tl.arange(0, GROUP_P2)
         g_ok = g < GROUP
         m_run = tl.full([GROUP_P2], -1.0e30, dtype=tl.float32)
         l_tot = tl.zeros([GROUP_P2], dtype=tl.float32)
         o_tot = tl.zeros([GROUP_P2, D_P2], dtype=tl.float32)
-        for p0 in tl.static_range(0, NUM_SPLITS, MERGE_P):
+        for p0 in range(0, used, MERGE_P):
             sc = p0 + tl.arange(0, MERGE_P)
             cidx = (pair * NUM_SPLITS + sc[:, None]) * GROUP + g[None, :]  # [MERGE_P, GROUP_P2]
-            ok = (sc < NUM_SPLITS)[:, None] & g_ok[None, :]
+            ok = (sc < used)[:, None] & g_ok[None, :]
             m = tl.load(PartM + cidx, mask=ok, other=-1.0e30, volatile=True)
             l_part = tl.load(PartL + cidx, mask=ok, other=0.0, volatile=True)
             o_ok = ok[:, :, None] & d_ok[None, None, :]
             o = tl.load(PartO + cidx[:, :, None] * D_P2 + d[None, None, :], mask=o_ok, other=0.0, volatile=True)
             m_next = tl.maximum(m_run, tl.max(m, axis=0))
             a_run = tl.exp2(m_run - m_next)
-            w = tl.exp2(m - m_next[None, :])  # empty splits: m = -1e30, weight 0
+            w = tl.exp2(m - m_next[None, :])  # masked rows: m = -1e30, weight 0
             l_tot = l_tot * a_run + tl.sum(l_part * w, axis=0)
             o_tot = o_tot * a_run[:, None] + tl.sum(o * w[:, :, None], axis=0)
             m_run = m_next
@@ -247,7 +266,7 @@ class SplitKVWorkspace:
             self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         else:
             self.sm_count = 132  # the CPU interpreter: H200-like splits
-        self.max_splits = min(MAX_SPLITS, max_splits or self._fill(1))
+        self.max_splits = min(MAX_SPLITS, max_splits or self._fill(1))  # batch 1 takes the most
         rows = max(1, max_seqs) * num_kv_heads * self.max_splits * self.group
         self.part_o = torch.empty((rows, self.d_p2), dtype=torch.float32, device=device)
         self.part_m = torch.empty(rows, dtype=torch.float32, device=device)
@@ -255,18 +274,20 @@ class SplitKVWorkspace:
         self.counters = torch.zeros(max(1, max_seqs) * num_kv_heads, dtype=torch.int32, device=device)
 
     def _fill(self, num_seqs: int) -> int:
-        """The largest power of two p with num_seqs * Hkv * p <= the SM count (at least 1)."""
-        per = self.sm_count // max(1, num_seqs * self.num_kv_heads)
-        return 1 << max(0, per.bit_length() - 1)
+        """The largest power of two p with num_seqs * Hkv * p <= PROGRAMS_PER_SM * the SM count
+        (at least 1, at most MAX_SPLITS)."""
+        per = PROGRAMS_PER_SM * self.sm_count // max(1, num_seqs * self.num_kv_heads)
+        return min(MAX_SPLITS, 1 << max(0, per.bit_length() - 1))
 
     def splits_for(self, num_seqs: int) -> int:
-        """Splits per (sequence, KV head): `max_splits` at every batch size, i.e. about one
-        program per SM for ONE sequence (16 for 8 KV heads on a 132-SM H200), more programs than
-        SMs at batches 2-4. Measured on an H200 (2026-12-02-decode-attention-2.md), 16 splits
-        beat FlashInfer at batches 1, 2 and 4 for contexts 256-4096 while filling the GPU once
-        (8 splits at batch 2, 4 at batch 4) lost to it at 4096 (28.0 vs 23.0 us, 48.7 vs 32.2)
-        and gained at most 2 us at 256."""
-        return max(1, self.max_splits)
+        """Splits per (sequence, KV head) for a batch of `num_seqs`: about PROGRAMS_PER_SM
+        programs per SM (a power of two; 32 splits at batch 1, 4 at batch 8, 1 from batch 24
+        for 8 KV heads on a 132-SM H100), capped by the workspace. A sequence uses only as
+        many as its length fills with BLOCK_N keys each; the others exit at once. Measured on an
+        H100 over batches 1-32 and contexts 256-8192 (2026-12-06-decode-attention-5.md), this
+        with DEFAULT_CONFIG was within 1.2x of the best split count and tile of each shape;
+        more programs (4 a SM) lost up to 1.45x at batch 1, 8k tokens (a 64-way merge)."""
+        return min(self.max_splits, self._fill(num_seqs))
 
 
 def fused_decode_attention(
@@ -284,6 +305,7 @@ def fused_decode_attention(
     workspace: SplitKVWorkspace,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    config: Config | None = None,
 ) -> torch.Tensor:
     """Decode attention (one new token per sequence) with RoPE and the K/V store fused in.
 
@@ -293,7 +315,8 @@ def fused_decode_attention(
     -1 = no store; block_tables: [S, W] int32; seq_lens: [S] int32 >= 1, INCLUDING the new token
     (keys [0, seq_len - 1) are read from the cache, the new one from k/v). q and the cache must
     share a dtype. S <= workspace.max_seqs. num_splits: None = `workspace.splits_for(S)`.
-    out: None or [S, Hq * D] with unit stride along a row. Returns out [S, Hq * D] in q's dtype.
+    out: None or [S, Hq * D] with unit stride along a row. config: (BLOCK_N, warps, stages), None =
+    DEFAULT_CONFIG. Returns out [S, Hq * D] in q's dtype.
     No host sync and no allocation but `out`: graph-safe for any seq_lens."""
     s, hq, d = q.shape
     hkv = kv_layer.shape[3]
@@ -314,6 +337,7 @@ def fused_decode_attention(
         out = torch.empty((s, hq * d), dtype=q.dtype, device=q.device)
     elif out.shape != (s, hq * d) or out.stride(-1) != 1:
         raise ValueError(f"out must be [{s}, {hq * d}] with unit row stride")
+    block_n, warps, stages = config or DEFAULT_CONFIG
     if s:
         pdl = q.is_cuda and pdl_enabled()
         gp2, ns_p2 = triton.next_power_of_2(workspace.group), triton.next_power_of_2(splits)
@@ -326,9 +350,9 @@ def fused_decode_attention(
             block_tables.stride(0), out.stride(0),
             PAGE=kv_layer.shape[2], HKV=hkv, GROUP=workspace.group,
             ROWS=max(16, triton.next_power_of_2(workspace.group)),
-            NUM_SPLITS=splits, BLOCK_N=BLOCK_N, D=d, D_P2=workspace.d_p2,
+            NUM_SPLITS=splits, BLOCK_N=block_n, D=d, D_P2=workspace.d_p2,
             GROUP_P2=gp2, MERGE_P=min(ns_p2, max(1, 64 // gp2)),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-            PDL=pdl, num_warps=4, launch_pdl=pdl,
+            PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl,
         )  # fmt: skip
     return out
