@@ -135,7 +135,7 @@ def hf_self_agreement(hf, ps: tuple[tuple[int, ...], ...]) -> float:
 def check_agreement(llm, hf, hf32, ps, results) -> None:
     floor = hf_self_agreement(hf, tuple(map(tuple, ps)))
     agree = agree32 = hf_agree32 = total = 0
-    lp_diffs, flip_gaps = [], []
+    lp_diffs, flip_gaps, fp32_backed = [], [], []
     for p, r in zip(ps, results, strict=True):
         assert len(r.token_ids) == NEW_TOKENS
         span = slice(len(p) - 1, len(p) - 1 + NEW_TOKENS)
@@ -144,9 +144,11 @@ def check_agreement(llm, hf, hf32, ps, results) -> None:
         ours = torch.tensor(r.token_ids, device=DEV)
         top, top32 = rows.argmax(-1), rows32.argmax(-1)
         agree += (top == ours).sum().item()
-        # where we differ: how far below HF's own choice HF ranks our token (log-prob gap)
+        # where we differ: how far below HF's own choice HF ranks our token (log-prob gap);
+        # flips where HF fp32 (the exact model) picks our token are HF bf16's noise, kept apart
         gap = rows.max(-1).values - rows.gather(-1, ours[:, None])[:, 0]
-        flip_gaps += gap[top != ours].tolist()
+        flip_gaps += gap[(top != ours) & (top32 != ours)].tolist()
+        fp32_backed += gap[(top != ours) & (top32 == ours)].tolist()
         agree32 += (top32 == ours).sum().item()
         hf_agree32 += (top32 == top).sum().item()
         total += NEW_TOKENS
@@ -158,7 +160,8 @@ def check_agreement(llm, hf, hf32, ps, results) -> None:
           f"{agree32 / total:.4f} (HF bf16 vs HF fp32: {hf_agree32 / total:.4f}); logprob |diff| "
           f"vs HF bf16 mean {diffs.mean():.4f} max {diffs.max():.4f}; HF bf16's own greedy decoding vs "
           f"its teacher-forced pass: {floor:.4f}; HF bf16 log-prob gaps where we differ: "
-          f"{sorted(round(g, 3) for g in flip_gaps)}")
+          f"{sorted(round(g, 3) for g in flip_gaps)}, and where we differ but HF fp32 picks our "
+          f"token: {sorted(round(g, 3) for g in fp32_backed)}")
     # Sanity bar against gross errors; bf16 noise alone moves a run by ~1%: one fused batch-1
     # run measured 97.92% against HF bf16 with HF bf16 itself at 97.92% against fp32 on the
     # same sequences. Where HF bf16 itself tracks fp32 worse than that on the sequences we
@@ -175,7 +178,8 @@ def check_agreement(llm, hf, hf32, ps, results) -> None:
     assert diffs.max() < 0.5
     # Every flip is a near-tie in HF's own bf16 distribution (a wrong layer flips confident
     # ones): within the logprob tolerance above. HF's logits are bf16, so gaps come in steps of
-    # their ulp (0.125 at |logit| 16-32, 0.25 at 32-64).
+    # their ulp (0.125 at |logit| 16-32, 0.25 at 32-64). A flip to the token that HF fp32 picks
+    # is not held against us: there HF bf16 is the one off the exact model.
     assert max(flip_gaps, default=0.0) < 0.5
     llm.engine.check_integrity()
 
