@@ -20,6 +20,24 @@ if TYPE_CHECKING:
     from server.models.rope import RotaryEmbedding
 
 
+# About two programs per SM: measured on an H100 over batches 1-32 and contexts 256-8192
+# (benchmarks/results/2026-12-06-decode-attention-5.md), the fused kernel's (64, 4, 2) tile at
+# this split count was within 1.2x of the best split count and tile of each shape; four
+# programs per SM lost up to 1.45x (batch 1 at 8k tokens: a 64-way merge).
+PROGRAMS_PER_SM = 2
+MAX_SPLITS = 64
+
+
+def split_count(num_seqs: int, num_kv_heads: int, sm_count: int, cap: int = MAX_SPLITS) -> int:
+    """Splits per (sequence, KV head) of a fused decode launch over `num_seqs` sequences: the
+    largest power of two p with num_seqs * num_kv_heads * p <= PROGRAMS_PER_SM * sm_count, at
+    least 1, at most `cap` and MAX_SPLITS (32 at batch 1, 4 at batch 8, 1 from batch 24 for 8 KV
+    heads on a 132-SM H100). Each sequence uses only the splits its length fills; the grid's
+    count is fixed per CUDA graph, so it cannot follow the context."""
+    per = PROGRAMS_PER_SM * sm_count // max(1, num_seqs * num_kv_heads)
+    return max(1, min(cap, MAX_SPLITS, 1 << max(0, per.bit_length() - 1)))
+
+
 class SplitKVDecode:
     """Owns the kernel's workspace (partials + arrival counters for `max_batch` sequences).
     One per backend: launches sharing it must be ordered on one stream."""

@@ -73,14 +73,13 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kernels.attention.split_kv_decode import MAX_SPLITS, split_count
 from kernels.triton.gemv import pdl_enabled
 
 Config = tuple[int, int, int]  # (BLOCK_N keys a loop step, warps, pipeline stages)
 # The tile and the split rule (`SplitKVWorkspace.splits_for`) from an H100 sweep of split counts
 # x tiles at batches 1-32, contexts 256-8192 (benchmarks/results/2026-12-06-decode-attention-5.md).
 DEFAULT_CONFIG: Config = (64, 4, 2)
-PROGRAMS_PER_SM = 2
-MAX_SPLITS = 64
 
 
 @triton.jit
@@ -266,28 +265,17 @@ class SplitKVWorkspace:
             self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         else:
             self.sm_count = 132  # the CPU interpreter: H200-like splits
-        self.max_splits = min(MAX_SPLITS, max_splits or self._fill(1))  # batch 1 takes the most
+        self.max_splits = min(MAX_SPLITS, max_splits or split_count(1, num_kv_heads, self.sm_count))
         rows = max(1, max_seqs) * num_kv_heads * self.max_splits * self.group
         self.part_o = torch.empty((rows, self.d_p2), dtype=torch.float32, device=device)
         self.part_m = torch.empty(rows, dtype=torch.float32, device=device)
         self.part_l = torch.empty(rows, dtype=torch.float32, device=device)
         self.counters = torch.zeros(max(1, max_seqs) * num_kv_heads, dtype=torch.int32, device=device)
 
-    def _fill(self, num_seqs: int) -> int:
-        """The largest power of two p with num_seqs * Hkv * p <= PROGRAMS_PER_SM * the SM count
-        (at least 1, at most MAX_SPLITS)."""
-        per = PROGRAMS_PER_SM * self.sm_count // max(1, num_seqs * self.num_kv_heads)
-        return min(MAX_SPLITS, 1 << max(0, per.bit_length() - 1))
-
     def splits_for(self, num_seqs: int) -> int:
-        """Splits per (sequence, KV head) for a batch of `num_seqs`: about PROGRAMS_PER_SM
-        programs per SM (a power of two; 32 splits at batch 1, 4 at batch 8, 1 from batch 24
-        for 8 KV heads on a 132-SM H100), capped by the workspace. A sequence uses only as
-        many as its length fills with BLOCK_N keys each; the others exit at once. Measured on an
-        H100 over batches 1-32 and contexts 256-8192 (2026-12-06-decode-attention-5.md), this
-        with DEFAULT_CONFIG was within 1.2x of the best split count and tile of each shape;
-        more programs (4 a SM) lost up to 1.45x at batch 1, 8k tokens (a 64-way merge)."""
-        return min(self.max_splits, self._fill(num_seqs))
+        """Splits per (sequence, KV head) for a batch of `num_seqs`:
+        kernels.attention.split_kv_decode.split_count, capped by this workspace."""
+        return split_count(num_seqs, self.num_kv_heads, self.sm_count, self.max_splits)
 
 
 def fused_decode_attention(
