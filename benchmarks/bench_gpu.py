@@ -1,9 +1,10 @@
 """GPU fast path on a Llama-3.1-8B-shaped model with random bf16 weights, side by side with the
 device's own ceilings measured in the same run:
 
-  (a) batch-1 decode TPOT vs the HBM roofline (weight bytes / measured D2D copy bandwidth);
-  (b) decode step at batch 64 and 128 with ~1k tokens of context (anchor: SGLang 11.84 ms/step
-      at batch 128 on an H100);
+  (a) batch-1 decode TPOT vs the HBM roofline (weight bytes + KV bytes / measured D2D copy
+      bandwidth) at ~200 tokens of context (--b1-context);
+  (b) decode step at batch 64 and 128 (--decode-batches) with ~1k tokens of context (anchor:
+      SGLang 11.84 ms/step at batch 128 on an H100);
   (c) prefill of 1x8k and 16x512 tokens as MFU vs a bf16 matmul measured here.
 
     python benchmarks/bench_gpu.py [--model random:llama-3.1-8b] [--steps 50]
