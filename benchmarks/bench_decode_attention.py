@@ -123,6 +123,8 @@ TRITON_DECODE_CONFIGS = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8,
 
 
 FUSED_CONFIGS = [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)]
+# the Triton paged kernel's best tiles at 64-128 sequences (2026-12-06-decode-attention-4.md)
+FUSED_CONFIGS_LARGE = [(16, 2, 3), (16, 2, 4), (32, 2, 2)]
 
 
 def variants(batch: int, sweep: bool = False, fused_sweep: bool = False):
@@ -138,8 +140,12 @@ def variants(batch: int, sweep: bool = False, fused_sweep: bool = False):
         for splits in (1, 2, 4, 8, 16, 32, 64, 128):
             if not 128 <= programs * splits <= 1024 and not (programs >= 1024 and splits == 1):
                 continue
-            for cfg in FUSED_CONFIGS:
+            for cfg in FUSED_CONFIGS + (FUSED_CONFIGS_LARGE if programs >= 512 else []):
                 out[f"fused, {splits} splits, {cfg}"] = lambda c, s=splits, cfg=cfg: FusedDecode(c, batch, s, cfg)
+        if programs >= 512:  # large batches: against the Triton paged kernel the engine tunes
+            for cfg in FUSED_CONFIGS_LARGE:
+                out[f"rope_store + triton {cfg}"] = lambda c, cfg=cfg: TritonAttentionBackend(
+                    c, HQ, HKV, D, split_kv_decode_max_batch=0, decode_config=cfg)
         return out
     if sweep:  # the Triton paged kernel's decode tiles against FlashInfer's tensor-core decode
         out = {"rope_store + flashinfer tensor-core": lambda c: fi(c, HQ, HKV, D, cuda_core_decode_max_batch=0, split_kv_decode_max_batch=0)}

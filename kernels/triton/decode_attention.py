@@ -40,7 +40,8 @@ with split < used:
    rounded to BLOCK_N keys); split 0 also folds in the new token from registers (other
    programs cannot see a store made in the same launch) and is the only program that stores
    the rotated k and v at slot_mapping[seq] (slot -1: no store, CUDA-graph padding rows);
-3. writes its partial (unnormalised o, running max m, sum l) to a float32 workspace, then
+3. with one split (the grid of a large batch), writes the output itself and ends; otherwise
+   writes its partial (unnormalised o, running max m, sum l) to a float32 workspace, then
    bumps an arrival counter per (seq, h); the program that arrives last (the `used`-th)
    merges the used splits,
    writes the output and resets the counter to 0 so the next launch (next layer, next graph
@@ -200,6 +201,11 @@ def _fused_decode_kernel(
             dst = Cache + (slot // PAGE) * stride_page + (slot % PAGE) * stride_entry + head_off + d
             tl.store(dst, k_new, mask=d_ok)
             tl.store(dst + stride_kv, v_new, mask=d_ok)
+
+    if NUM_SPLITS == 1:  # one program holds the whole sequence: no partials, no counter
+        o_ptr = Out + seq64 * stride_ot + head[:, None] * D + d[None, :]
+        tl.store(o_ptr, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=qm)
+        return
 
     # -- partials, then the arrival counter; the last program to arrive merges
     pair = seq64 * HKV + kvh
