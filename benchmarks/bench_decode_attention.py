@@ -198,6 +198,8 @@ def main() -> int:
     ap.add_argument("--fused-sweep", action="store_true",
                     help="the fused split-KV kernel's split counts and (BLOCK_N, warps, stages) tiles "
                          "against FlashInfer's tensor-core and XQA decode")
+    ap.add_argument("--no-flashinfer", action="store_true",
+                    help="leave out the FlashInfer variants (no FlashInfer JIT on a fresh machine)")
     args = ap.parse_args()
     bw, read_bw = copy_bandwidth(), read_bandwidth()
     torch.cuda.empty_cache()
@@ -221,6 +223,8 @@ def main() -> int:
             read_us = batch * ctx * per_token / LAYERS / read_bw * 1e6
             ref = None
             names = variants(batch, args.triton_sweep, args.fused_sweep)
+            if args.no_flashinfer:
+                names = {n: f for n, f in names.items() if "flashinfer" not in n}
             for name, make in names.items():
                 try:
                     us, out = time_variant(make, cache, meta, q, k, v, positions, rope)
