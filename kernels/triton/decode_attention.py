@@ -203,8 +203,8 @@ def _fused_decode_kernel(
             tl.store(dst + stride_kv, v_new, mask=d_ok)
 
     if NUM_SPLITS == 1:  # one program holds the whole sequence: no partials, no counter
-        o_ptr = Out + seq64 * stride_ot + head[:, None] * D + d[None, :]
-        tl.store(o_ptr, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=qm)
+        tl.store(Out + seq64 * stride_ot + head[:, None] * D + d[None, :],
+                 (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=qm)
         return
 
     # -- partials, then the arrival counter; the last program to arrive merges
