@@ -21,7 +21,10 @@ splits its length fills, the split count follows the batch size (about two progr
 the loop tile is (64 keys, 4 warps, 2 stages); on an H100 that took batch 1 from 7.3 / 11.8 /
 30.4 us to 6.5 / 9.5 / 20.8 us at 256 / 1064 / 8192 tokens, and it beats FlashInfer's
 tensor-core decode up to batch 32 at 1k tokens (8 x 1064: 21.9 vs 28.0 us; 32 x 1064: 55.5 vs
-62.0), so it now serves pure-decode batches of up to 32 (2026-12-06-decode-attention-5.md).
+62.0), so it now serves pure-decode batches of up to 32 (2026-12-06-decode-attention-5.md);
+in the 8B engine's decode step that is 1.03x faster than FlashInfer at batch 8 and 32
+(2026-12-06-gpu-llama8b-15.md / -16.md). At 128 sequences (one split, `DEFAULT_CONFIG`) it lost
+1.02x to rope_store + the start-up-tuned Triton paged kernel (-14.md).
 Tested on the GPU by
 tests/test_gpu_kernels.py (eager, CUDA-graph replays, a PDL chain with the GEMVs) and on the CPU
 interpreter by tests/test_decode_attention_interpreter.py.
