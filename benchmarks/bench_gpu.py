@@ -128,6 +128,29 @@ def set_fused_linears(engine: EngineCore, on: bool, pdl: bool | None = None) -> 
     engine.runner.cuda_graphs.recapture()
 
 
+def set_pdl(engine: EngineCore, on: bool) -> None:
+    """Launch the decode graphs' Triton kernels with programmatic dependent launch or not;
+    recaptures the graphs, which bake the choice in."""
+    import kernels.triton.gemv as gemv
+
+    settle(engine)
+    gemv.USE_PDL = on
+    engine.runner._ahead = None  # a staged step would be overwritten by the capture
+    engine.runner.cuda_graphs.recapture()
+
+
+def pdl_ab(engine: EngineCore, steps: int) -> tuple[float, float]:
+    """Median decode step seconds with PDL on and off, in the order on, off, off, on (the
+    context grows a token a step, so the two sides see the same mean context); each side is
+    the mean of its two medians. Leaves the default (on) captured."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for on in (True, False, False, True):
+        set_pdl(engine, on)
+        timed_steps(engine, 5)
+        times[on].append(statistics.median(timed_steps(engine, steps)))
+    return statistics.mean(times[True]), statistics.mean(times[False])
+
+
 def add(
     engine: EngineCore, tag: str, count: int, prompt_len: int, max_tokens: int, gen
 ) -> list[str]:
@@ -331,6 +354,11 @@ def main() -> int:
         help="batch sizes of the batched decode part (1k tokens of context each)",
     )
     ap.add_argument("--profile-replays", type=int, default=20, help="0: no kernel profile")
+    ap.add_argument(
+        "--pdl-ab",
+        action="store_true",
+        help="batched decode: also time the step with PDL off, side by side (on/off/off/on)",
+    )
     args = ap.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -497,11 +525,13 @@ def main() -> int:
     for batch in () if args.only_b1 else [int(b) for b in args.decode_batches.split(",")]:
         # Tokens for the timed steps (3 modes), the phase breakdown and the profile: every
         # request must still be running at the end, or the batch shrinks into a smaller graph.
-        add(engine, f"b{batch}", batch, 1024, 3 * args.steps + 60 + args.profile_replays, gen)
+        ab_tokens = 4 * (args.steps + 5) + 8 if args.pdl_ab else 0
+        add(engine, f"b{batch}", batch, 1024, 3 * args.steps + 60 + args.profile_replays + ab_tokens, gen)
         prefill_all(engine)
         modes = decode_modes(engine, args.steps)
         step = modes["overlap"]
         settle(engine)
+        pdl_times = pdl_ab(engine, args.steps) if args.pdl_ab and graphs is not None else None
         if graphs is not None:
             breakdowns[batch] = phase_breakdown(engine, 10)
             if args.profile_replays:
@@ -524,6 +554,16 @@ def main() -> int:
             ]
         )
         rows += mode_rows(modes, roof)
+        if pdl_times is not None:
+            on, off = pdl_times
+            rows.append(
+                [
+                    "  same, PDL off (A/B: on, off, off, on)",
+                    f"{off * 1e3:.2f} ms",
+                    f"PDL on: {on * 1e3:.2f} ms",
+                    f"PDL on is {off / on:.3f}x faster",
+                ]
+            )
         engine.abort(
             [r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)]
         )

@@ -14,7 +14,8 @@ options and returns True, which tells Triton to skip its own compile and the lau
 stand-in is `CompileOnly`, the three answers JITFunction.run asks of a GPU driver before that
 hook (device 0, stream 0, the target); nothing is launched and no output is checked: the GPU
 tests (tests/test_gpu_kernels.py) check the results. Wrappers launch with PDL only on CUDA
-tensors, so the PDL variants of gemv and the fused decode kernel compile only in the GPU tests.
+tensors, so for sm90 a kernel with a `PDL` constexpr that came in off is compiled a second time
+with it on (the `gdc_wait` / `gdc_launch_dependents` path the GPU runs by default on sm90+).
 """
 
 from __future__ import annotations
@@ -161,10 +162,16 @@ def main(capability: int) -> int:
     compiled: list[str] = []
 
     def compile_for_target(*, key, repr, fn, compile, is_manual_warmup, already_compiled) -> bool:
-        src = ASTSource(fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0])
         options = {k: compile[k] for k in ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion")}
-        triton.compile(src, target=target, options=options)
-        compiled.append(repr.split("[", 1)[0])
+        variants = [compile["constants"]]
+        names = fn.jit_function.arg_names
+        pdl_target = capability >= 90  # griddepcontrol is sm90+; the wrappers' rule as well
+        if pdl_target and "PDL" in names and compile["constants"].get((names.index("PDL"),)) is False:
+            variants.append({**compile["constants"], (names.index("PDL"),): True})
+        for constants in variants:
+            src = ASTSource(fn.jit_function, compile["signature"], constants, compile["configs"][0])
+            triton.compile(src, target=target, options=options)
+            compiled.append(repr.split("[", 1)[0] + (" (PDL)" if constants is not variants[0] else ""))
         return True  # compiled here: Triton skips its own compile and the launch
 
     driver.set_active(CompileOnly(target))
