@@ -357,7 +357,8 @@ def main() -> int:
     ap.add_argument(
         "--pdl-ab",
         action="store_true",
-        help="batched decode: also time the step with PDL off, side by side (on/off/off/on)",
+        help="batched decode: also time the step with PDL off, side by side (on/off/off/on); "
+        "PDL covers the fused decode attention (batches up to 32) and the batch-1 GEMVs",
     )
     args = ap.parse_args()
     logging.basicConfig(

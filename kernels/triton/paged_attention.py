@@ -7,10 +7,6 @@ tensor cores), walks the sequence's pages BLOCK_N keys at a time with an online 
 stops at the last key its last query may see. Block-table pages are gathered per key row, so
 any page size and the block-major strided layout both work. Programs whose tile lies past their
 sequence's query length exit at once, so one launch covers a batch of mixed lengths.
-
-On CUDA tensors it launches with programmatic dependent launch where the decode kernels do
-(`kernels.triton.gemv.pdl_enabled`): a program reads the step's metadata (never written by the
-kernel before it) before `gdc_wait`, and queries and cached keys only after it.
 """
 
 from __future__ import annotations
@@ -18,9 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from kernels.triton.gemv import pdl_enabled
 
 
 @triton.jit
@@ -33,7 +26,6 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_P2: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     tile = tl.program_id(1)
@@ -44,9 +36,6 @@ def _paged_attention_kernel(
         return
     seq_len = tl.load(SeqLens + seq)
     ctx = seq_len - q_len  # tokens before this step's first query
-    if PDL:  # q (and the new keys in the cache) come from the kernels before this one
-        gdc_launch_dependents()
-        gdc_wait()
 
     BLOCK_R: tl.constexpr = BLOCK_T * GROUP_P2
     rows = tl.arange(0, BLOCK_R)
@@ -120,7 +109,6 @@ def paged_attention(
     block_t = rows // group_p2
     num_seqs = seq_lens.shape[0]
     block_n, warps, stages = config if config is not None else (32 if d > 64 else 64, 4, 2)
-    pdl = q.is_cuda and pdl_enabled()
     if t and num_seqs:
         # KV heads vary fastest, so one sequence's heads run side by side and read its pages
         # together (up to 1-2% faster at 64-128 x 1k decodes on an H100 than sequences first).
@@ -135,6 +123,6 @@ def paged_attention(
             PAGE=kv_layer.shape[2], GROUP=group, GROUP_P2=group_p2,
             BLOCK_T=block_t, BLOCK_N=block_n,
             D=d, D_P2=max(16, triton.next_power_of_2(d)),
-            PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl,
+            num_warps=warps, num_stages=stages,
         )
     return out

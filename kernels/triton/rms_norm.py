@@ -1,19 +1,12 @@
 """RMSNorm with the residual add fused in: one read of x (and residual), one write of the
 normed output (and of the sum). Matches `kernels.ops.rms_norm_ref` / `add_rms_norm_ref`: the sum
-is rounded to the input dtype, normalised in float32, rounded, then scaled by the weight.
-
-On CUDA tensors it launches with programmatic dependent launch where the decode kernels do
-(`kernels.triton.gemv.pdl_enabled`, sm90+): the grid comes up and loads the norm weight while
-the preceding kernel (a GEMM) finishes, and reads x only after `gdc_wait`."""
+is rounded to the input dtype, normalised in float32, rounded, then scaled by the weight."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from kernels.triton.gemv import pdl_enabled
 
 
 @triton.jit
@@ -31,15 +24,10 @@ def _rms_norm_kernel(
     eps,
     HAS_RES: tl.constexpr,
     BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: no kernel writes it
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(
@@ -49,6 +37,7 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
     normed = (xf * rstd).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=mask)
 
 
@@ -59,7 +48,6 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     y = torch.empty((t, h), dtype=x.dtype, device=x.device)
     s = torch.empty((t, h), dtype=x.dtype, device=x.device) if residual is not None else y
     block = triton.next_power_of_2(h)
-    pdl = x.is_cuda and pdl_enabled()
     if t:
         _rms_norm_kernel[(t,)](
             x, residual if residual is not None else x, weight, y, s,
@@ -67,9 +55,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             h, eps,
             HAS_RES=residual is not None,
             BLOCK=block,
-            PDL=pdl,
             num_warps=min(16, max(1, block // 512)),
-            launch_pdl=pdl,
         )
     return y, s
 

@@ -4,10 +4,6 @@ rotated q (a new tensor) and the rotated k plus v straight into the layer's page
 Rotation follows `server.models.rope.RotaryEmbedding` (HF rotate_half over precomputed cos/sin
 tables, so llama3/linear scaling comes for free), computed in float32 and rounded once. A slot
 of -1 skips the store: CUDA-graph padding rows write nowhere.
-
-On CUDA tensors it launches with programmatic dependent launch where the decode kernels do
-(`kernels.triton.gemv.pdl_enabled`): it reads q, k, v (the qkv GEMM's output) only after
-`gdc_wait`, and lets the attention kernel after it come up at once.
 """
 
 from __future__ import annotations
@@ -15,9 +11,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from kernels.triton.gemv import pdl_enabled
 
 
 @triton.jit
@@ -30,11 +23,7 @@ def _rope_store_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, HQ_P2: tl.constexpr, HKV_P2: tl.constexpr,
     HALF: tl.constexpr, HALF_P2: tl.constexpr,
     ROPE: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, HALF_P2)
     dmask = d < HALF
@@ -87,7 +76,6 @@ def _launch(q, k, v, positions, cos, sin, kv_layer, slot_mapping, rope: bool, ou
         qo = torch.empty((t, hq, d), dtype=q.dtype, device=q.device) if out is None else out
         if qo.shape != (t, hq, d) or qo.dtype != q.dtype or qo.stride(-1) != 1:
             raise ValueError(f"out must be [{t}, {hq}, {d}] {q.dtype} with unit innermost stride")
-    pdl = k.is_cuda and pdl_enabled()
     if t:
         _rope_store_kernel[(t,)](
             q if rope else k, k, v, qo if rope else k,
@@ -102,9 +90,7 @@ def _launch(q, k, v, positions, cos, sin, kv_layer, slot_mapping, rope: bool, ou
             HQ=hq, HKV=hkv, HQ_P2=triton.next_power_of_2(hq), HKV_P2=triton.next_power_of_2(hkv),
             HALF=d // 2, HALF_P2=triton.next_power_of_2(d // 2),
             ROPE=rope,
-            PDL=pdl,
             num_warps=4,
-            launch_pdl=pdl,
         )
     return qo
 

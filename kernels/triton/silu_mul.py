@@ -1,22 +1,14 @@
-"""SiLU(gate) * up over the fused gate|up projection output: one read, one write. On CUDA
-tensors it launches with programmatic dependent launch where the decode kernels do
-(`kernels.triton.gemv.pdl_enabled`): it reads the GEMM's output only after `gdc_wait`."""
+"""SiLU(gate) * up over the fused gate|up projection output: one read, one write."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from kernels.triton.gemv import pdl_enabled
 
 
 @triton.jit
-def _silu_mul_kernel(X, Y, stride_x, stride_y, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+def _silu_mul_kernel(X, Y, stride_x, stride_y, inter, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -35,10 +27,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     inter = two_i // 2
     y = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
     block = min(2048, triton.next_power_of_2(inter))
-    pdl = gate_up.is_cuda and pdl_enabled()
     if t:
         _silu_mul_kernel[(t, triton.cdiv(inter, block))](
-            gate_up, y, gate_up.stride(0), y.stride(0), inter, BLOCK=block, PDL=pdl, num_warps=4,
-            launch_pdl=pdl,
+            gate_up, y, gate_up.stride(0), y.stride(0), inter, BLOCK=block, num_warps=4
         )
     return y
