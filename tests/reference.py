@@ -10,11 +10,12 @@ import torch
 
 
 @functools.lru_cache(maxsize=2)
-def hf_model(gguf_path: str, dtype: torch.dtype = torch.float32):
+def hf_model(gguf_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=dtype
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=dtype, **extra
     )
     return model.eval()
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import gc
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +26,14 @@ from server.engine.engine import EngineConfig
 from server.engine.llm import LLM
 from server.engine.sampling_params import SamplingParams
 from tests.reference import hf_greedy, hf_model
-from tests.test_engine_reference import CHATS, SYSTEM, TEXTS
+from tests.teacher_forced import (
+    attention_floor,
+    log_softmax_rows,
+    measure,
+    prompts,
+    teacher_forcing_prompts,
+)
+from tests.test_engine_reference import TEXTS
 
 pytestmark = pytest.mark.gpu
 NEW_TOKENS = 64
@@ -82,16 +88,8 @@ def hf_eager(gguf_path):
     return model.eval().to(DEV)
 
 
-@torch.inference_mode()
 def hf_log_softmax(hf, ids: list[int]) -> torch.Tensor:
-    return torch.log_softmax(hf(torch.tensor([ids], device=DEV)).logits[0].float(), dim=-1)
-
-
-def prompts(llm) -> list[list[int]]:
-    ids = [llm.encode(t) for t in TEXTS]
-    ids += [llm.chat_prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": c}])
-            for c in CHATS]
-    return ids
+    return log_softmax_rows(hf, ids, DEV)
 
 
 def test_greedy_generation_agrees_with_hf(llm, hf, hf32):
@@ -191,102 +189,29 @@ def check_agreement(llm, hf, hf32, ps, results) -> None:
     llm.engine.check_integrity()
 
 
-def teacher_forcing_prompts(llm) -> list[list[int]]:
-    """Natural sequences to score whole: prose, a recipe, code, a dialogue, a letter, a
-    worked problem... (tests/data/teacher_forcing.txt, ~1.5k tokens) and the prompts above."""
-    path = Path(__file__).parent / "data" / "teacher_forcing.txt"
-    return [llm.encode(t) for t in path.read_text().split("===\n")] + prompts(llm)
-
-
 @functools.lru_cache(maxsize=1)
 def hf_attention_floor(hf, hf_eager, ps: tuple[tuple[int, ...], ...]) -> tuple[float, float]:
-    """The bf16 noise floor of the teacher-forced check: HF bf16 against itself with its other
-    attention implementation (eager instead of sdpa), everything else identical. Counted as
-    the check counts (a token both rank top, `top_sets_meet`); second, the one-sided count the
-    check used before (eager's first argmax is a top token of sdpa's)."""
-    agree = first = total = 0
-    for p in ps:
-        rows = hf_log_softmax(hf, list(p))[:-1]
-        eager = hf_log_softmax(hf_eager, list(p))[:-1]
-        agree += top_sets_meet(rows, None, eager == eager.max(-1, keepdim=True).values).sum().item()
-        first += (rows.gather(-1, eager.argmax(-1)[:, None])[:, 0] == rows.max(-1).values).sum().item()
-        total += len(p) - 1
-    return agree / total, first / total
-
-
-def top_sets_meet(ref_rows: torch.Tensor, at: torch.Tensor | None, tied: torch.Tensor) -> torch.Tensor:
-    """Per position: does a token that one model ranks top also rank top in the reference
-    (`ref_rows`, [N, V] log-probs)? `tied` marks the model's top tokens: a [N, V] mask (`at`
-    None), or [N, K] over the token ids `at`. Both models compute bf16 logits, so several
-    tokens can share the top value (~3-4% of the positions here), and which of them an argmax
-    or a top-k returns first is arbitrary, on either side."""
-    best = ref_rows.max(-1, keepdim=True).values
-    vals = ref_rows if at is None else ref_rows.gather(-1, at)
-    return ((vals == best) & tied).any(-1)
+    return attention_floor(hf, hf_eager, [list(p) for p in ps], DEV)
 
 
 def test_prompt_logprobs_teacher_forced_agree_with_hf(llm, hf, hf32, hf_eager):
-    """#5's teacher-forced top-1 agreement in its literal form: the same token sequences go
-    through both models whole, and at every position the engine's most likely next token (its
-    prompt logprobs, through `LLM.generate`: scheduler, this config's prefill path, lm_head) is
-    compared with HF bf16's. Ties count on both sides: both compute bf16 logits, so several
-    tokens can share the top value, and which of them a top-k returns first is arbitrary; a
-    position agrees when a token both rank top exists (`top_sets_meet`; the engine's tied top
-    tokens are read from its top-5 prompt logprobs). Until 2026-12-06 only HF's ties counted,
-    and the engine's top-k first token stood for the engine: on the CPU that one-sided count
-    gives 98.88% where the two-sided one gives 99.70% (the engine had 74 tied top positions,
-    HF 61), and HF eager vs sdpa 98.88% vs 99.80%. Both counts are printed. Bars: >= 99% (#5),
+    """#5's teacher-forced top-1 agreement in its literal form (tests/teacher_forced.py says
+    how it counts: ties on both sides, both models computing bf16 logits). Bars: >= 99% (#5),
     logprobs within bf16 tolerance, every flip a near-tie in HF's own distribution, and
-    tracking HF fp32 about as well as HF bf16 itself does (bf16 noise flips near-ties either
-    way: a CPU run measured HF bf16 at 97.6% against fp32 on these sequences).
+    tracking HF fp32 about as well as HF bf16 itself does.
 
-    The check's noise floor is printed with it: any one change of bf16 rounding moves ~1% of
-    these tokens. On the CPU (torch 2.13) HF bf16 with eager attention agrees with HF bf16 sdpa
-    on 98.88% of these positions (the engine's CPU bf16 path: 98.99%); on the file's 1.5k
-    tokens alone, eager 99.21%, rounding RoPE once 99.08%, RMSNorm once 99.21%, each instead of
-    HF's way. The first H100 run of this test measured the engine at 98.99% (FlashInfer) /
-    98.94% (Triton), all flips within 0.25 nats. So the bar is 99%, or half a percent below
-    HF's own eager-vs-sdpa agreement on this GPU where that is lower than 99.5%.
+    Until 2026-12-06 only HF's ties counted, and the engine's top-k first token stood for the
+    engine: the first H100 runs measured 98.99% (FlashInfer) / 98.94% (Triton) that way, all
+    flips within 0.25 nats, where HF eager vs sdpa was 99.24%. On the CPU (torch 2.13) the
+    one-sided count gives the engine 98.88% and the two-sided one 99.70% (74 positions with a
+    tied top in the engine, 61 in HF); HF eager vs sdpa 98.88% vs 99.80%. Both are printed.
     """
     ps = teacher_forcing_prompts(llm)
-    floor, floor_first = hf_attention_floor(hf, hf_eager, tuple(map(tuple, ps)))
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=5)
-    agree = agree_first = agree32 = hf_agree32 = total = ties = 0
-    lp_diffs, flip_gaps = [], []
-    for p, r in zip(ps, llm.generate(ps, params), strict=True):
-        assert len(r.prompt_logprobs) == len(p) and r.prompt_logprobs[0] is None
-        rows, rows32 = hf_log_softmax(hf, p)[:-1], hf_log_softmax(hf32, p)[:-1]
-        top_ids = torch.tensor([lp.top_token_ids for lp in r.prompt_logprobs[1:]], device=DEV)
-        top_lps = torch.tensor([lp.top_logprobs for lp in r.prompt_logprobs[1:]], device=DEV)
-        tied = top_lps == top_lps[:, :1]  # the engine's top tokens (a tie: several)
-        ties += (tied.sum(-1) > 1).sum().item()
-        best = rows.max(-1).values
-        hf_at = rows.gather(-1, top_ids)  # HF's log-probs of the engine's top-5
-        hit = top_sets_meet(rows, top_ids, tied)
-        agree += hit.sum().item()
-        agree_first += (hf_at[:, 0] == best).sum().item()
-        agree32 += top_sets_meet(rows32, top_ids, tied).sum().item()
-        hf_agree32 += top_sets_meet(rows32, None, rows == best[:, None]).sum().item()
-        ours_lp = hf_at.masked_fill(~tied, float("-inf")).max(-1).values
-        flip_gaps += (best - ours_lp)[~hit].tolist()
-        total += len(p) - 1
-        target = torch.tensor(p[1:], device=DEV)
-        ref = rows.gather(-1, target[:, None])[:, 0]
-        got = torch.tensor([lp.logprob for lp in r.prompt_logprobs[1:]], device=DEV)
-        lp_diffs += (got - ref).abs().tolist()
-    diffs = torch.tensor(lp_diffs)
+    floor = hf_attention_floor(hf, hf_eager, tuple(map(tuple, ps)))
+    a = measure(llm, hf, hf32, ps, DEV)
     print(f"\n[{llm.engine.attn.name}, piecewise={llm.engine.runner.piecewise is not None}] "
-          f"teacher-forced top-1 agreement vs HF bf16 {agree}/{total} = {agree / total:.4f} "
-          f"(one-sided, the engine's first top-k token: {agree_first / total:.4f}; engine ties at "
-          f"{ties} positions), vs HF fp32 {agree32 / total:.4f} (HF bf16 vs HF fp32: "
-          f"{hf_agree32 / total:.4f}); prompt logprob |diff| vs HF bf16 mean {diffs.mean():.4f} "
-          f"max {diffs.max():.4f}; HF bf16 eager vs sdpa: {floor:.4f} (one-sided {floor_first:.4f});"
-          f" HF bf16 log-prob gaps where we differ: {sorted(round(g, 3) for g in flip_gaps)}")
-    assert agree / total >= min(0.99, floor - 0.005)
-    assert agree32 >= hf_agree32 - 0.005 * total
-    assert diffs.mean() < 0.05
-    assert diffs.max() < 0.5
-    assert max(flip_gaps, default=0.0) < 0.5
+          + a.line(floor))
+    a.check(floor)
     llm.engine.check_integrity()
 
 
