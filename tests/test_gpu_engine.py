@@ -64,28 +64,13 @@ def hf(gguf_path):
 
 @pytest.fixture(scope="module")
 def hf32(gguf_path):
-    import os
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
-    )
-    return model.eval().to(DEV)
+    return hf_model(gguf_path, torch.float32).to(DEV)
 
 
 @pytest.fixture(scope="module")
 def hf_eager(gguf_path):
     """HF bf16 with its own other attention implementation (eager: matmul, softmax, matmul)."""
-    import os
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.bfloat16,
-        attn_implementation="eager",
-    )  # fmt: skip
-    return model.eval().to(DEV)
+    return hf_model(gguf_path, torch.bfloat16, "eager").to(DEV)
 
 
 def hf_log_softmax(hf, ids: list[int]) -> torch.Tensor:
