@@ -186,10 +186,9 @@ def test_prompt_logprobs_teacher_forced_agree_with_hf(llm, hf, hf32, hf_eager):
     tracking HF fp32 about as well as HF bf16 itself does.
 
     Until 2026-12-06 only HF's ties counted, and the engine's top-k first token stood for the
-    engine: the first H100 runs measured 98.99% (FlashInfer) / 98.94% (Triton) that way, all
-    flips within 0.25 nats, where HF eager vs sdpa was 99.24%. On the CPU (torch 2.13) the
-    one-sided count gives the engine 98.88% and the two-sided one 99.70% (74 positions with a
-    tied top in the engine, 61 in HF); HF eager vs sdpa 98.88% vs 99.80%. Both are printed.
+    engine: H100 runs measured 98.99% (FlashInfer) / 98.94% (Triton) that way, HF eager vs
+    sdpa 99.24%. Counted on both sides (H100, 2026-12-06): 99.90% / 99.85%, HF eager vs sdpa
+    99.90%, the engine tied at ~72 positions, its misses 0.062-0.125 nats. Both are printed.
     """
     ps = teacher_forcing_prompts(llm)
     floor = hf_attention_floor(hf, hf_eager, tuple(map(tuple, ps)))
