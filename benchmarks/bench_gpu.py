@@ -124,8 +124,7 @@ def set_fused_linears(engine: EngineCore, on: bool, pdl: bool | None = None) -> 
     settle(engine)
     gemv.USE_PDL = gemv._pdl_default() if pdl is None else pdl
     ops.set_impl(fuses_linears=kt.one_cuda_row if on else ops.never)
-    engine.runner._ahead = None  # a staged step would be overwritten by the capture
-    engine.runner.cuda_graphs.recapture()
+    recapture(engine)
 
 
 def set_pdl(engine: EngineCore, on: bool) -> None:
@@ -135,6 +134,11 @@ def set_pdl(engine: EngineCore, on: bool) -> None:
 
     settle(engine)
     gemv.USE_PDL = on
+    recapture(engine)
+
+
+def recapture(engine: EngineCore) -> None:
+    """Recapture the decode graphs of a settled engine (after a kernel choice changed)."""
     engine.runner._ahead = None  # a staged step would be overwritten by the capture
     engine.runner.cuda_graphs.recapture()
 

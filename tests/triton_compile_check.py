@@ -160,12 +160,12 @@ CASES: dict[str, Callable[[], None]] = {
 def main(capability: int) -> int:
     target = GPUTarget("cuda", capability, 32)
     compiled: list[str] = []
+    pdl_target = capability >= 90  # griddepcontrol is sm90+; the wrappers' rule as well
 
     def compile_for_target(*, key, repr, fn, compile, is_manual_warmup, already_compiled) -> bool:
         options = {k: compile[k] for k in ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion")}
         variants = [compile["constants"]]
         names = fn.jit_function.arg_names
-        pdl_target = capability >= 90  # griddepcontrol is sm90+; the wrappers' rule as well
         if pdl_target and "PDL" in names and compile["constants"].get((names.index("PDL"),)) is False:
             variants.append({**compile["constants"], (names.index("PDL"),): True})
         for constants in variants:
