@@ -737,3 +737,40 @@ def test_skinny_plan_tune(gen):
             assert ops.fuses_linears(torch.zeros(m, 512, device=DEV)) == (m in skinny_plan.planned_rows())
     finally:
         skinny_plan.set_plan({})
+
+
+@pytest.mark.parametrize("mode", ["bulk", "line", "load"])
+@pytest.mark.parametrize("evict_last", [False, True])
+def test_l2_prefetch(mode, evict_last, gen):
+    """A prefetch leaves its tensor as it was and covers whole chunks from the start. The load
+    mode's per-program checksums pin the addressing (shared by all modes): each must equal the
+    xor of that chunk's int32 words as torch reads them. Also runs inside a CUDA graph on a
+    forked stream, as the decode graphs launch it."""
+    from kernels.triton.l2_prefetch import chunk_bytes, l2_prefetch, scratch_for
+
+    w = randn(3000, 4096, dtype=torch.bfloat16, gen=gen)  # 24.0 MB: not a whole number of chunks
+    before = w.clone()
+    nbytes = 5_000_000
+    scratch = scratch_for(nbytes, mode, DEV)
+    chunk = chunk_bytes(mode)
+    covered = l2_prefetch(w, nbytes, scratch, mode, evict_last)
+    assert covered == nbytes // chunk * chunk
+    torch.cuda.synchronize()
+    assert torch.equal(w, before)
+    if mode == "load":
+        words = w.view(-1).view(torch.int32)[: covered // 4].view(-1, chunk // 4)
+        while words.shape[1] > 1:  # xor-fold each chunk's words
+            words = words[:, ::2] ^ words[:, 1::2]
+        assert torch.equal(scratch[: covered // chunk], words[:, 0])
+    side = torch.cuda.Stream()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            l2_prefetch(w, w.numel() * 2, scratch_for(w.numel() * 2, mode, DEV), mode, evict_last)
+        torch.cuda.current_stream().wait_stream(side)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(w, before)
+    with pytest.raises(ValueError, match="unknown prefetch mode"):
+        l2_prefetch(w, nbytes, scratch, "nope")
