@@ -3,16 +3,18 @@ device's own ceilings measured in the same run:
 
   (a) batch-1 decode TPOT vs the HBM roofline (weight bytes + KV bytes / measured D2D copy
       bandwidth) at ~200 tokens of context (--b1-context);
-  (b) decode step at batch 64 and 128 (--decode-batches) with ~1k tokens of context (anchor:
-      SGLang 11.84 ms/step at batch 128 on an H100);
+  (b) decode step at batch 64 and 128 (--decode-batches) with 1k tokens of context
+      (--decode-context: keys each sequence attends at the median timed step; anchor: SGLang
+      11.84 ms/step at batch 128 on an H100);
   (c) prefill of 1x8k and 16x512 tokens as MFU vs a bf16 matmul measured here.
 
     python benchmarks/bench_gpu.py [--model random:llama-3.1-8b] [--steps 50]
 
 Steps are timed end to end (scheduler, metadata, plan, CUDA-graph replay or eager forward,
 logits, sampler: each step ends with the sampler's device->host copy, so host wall time between
-steps is device time plus host overhead); medians. Decode steps are timed three times on the
-same engine and requests: step lookahead off; lookahead on without overlap (the next step
+steps is device time plus host overhead); medians. Decode steps are timed three times (batch 1: on the
+same request, one mode after the other; batched: each mode on fresh requests, so all three see
+the same context): step lookahead off; lookahead on without overlap (the next step
 staged while the current one runs); and with step overlap, the default (the next step also
 launched before the current step's tokens are read back, so a step's time is its cadence);
 batch 1 also with the fused one-row linears
@@ -28,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -73,15 +76,25 @@ def timed_steps(engine: EngineCore, n: int) -> list[float]:
 MODES = (("lookahead off", False, False), ("lookahead, no overlap", True, False), ("overlap", True, True))
 
 
-def decode_modes(engine: EngineCore, steps: int) -> dict[str, float]:
+def decode_modes(
+    engine: EngineCore, steps: int, restart: Callable[[], None] | None = None
+) -> tuple[dict[str, float], dict[str, float]]:
     """Median decode step seconds with step lookahead off, on without step overlap, and on with
-    overlap (the default), one after the other on the same engine and requests."""
-    medians = {}
+    overlap (the default), and the context of each mode's median step (keys a sequence
+    attends). Without `restart` the modes follow one another on the same requests, so each
+    sees ~steps + 5 more context than the one before; with it, each mode first calls
+    `restart()` (fresh requests of the same prompt length, prefilled), so all three are timed
+    at the same context."""
+    medians, contexts = {}, {}
     for name, lookahead, overlap in MODES:
+        if restart is not None:
+            restart()
         engine.config.step_lookahead, engine.config.step_overlap = lookahead, overlap
         timed_steps(engine, 5)
         medians[name] = statistics.median(timed_steps(engine, steps))
-    return medians
+        running = engine.scheduler.running
+        contexts[name] = sum(r.num_tokens for r in running) / max(1, len(running)) - steps / 2
+    return medians, contexts
 
 
 def mode_rows(modes: dict[str, float], roof: float) -> list[list[object]]:
@@ -168,6 +181,13 @@ def add(
         )
         ids.append(rid)
     return ids
+
+
+def abort_all(engine: EngineCore) -> None:
+    """Abort every request and step until none is left (a step launched ahead included)."""
+    while engine.has_unfinished_requests():
+        engine.abort([r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)])
+        engine.step()
 
 
 def prefill_all(engine: EngineCore) -> None:
@@ -355,7 +375,14 @@ def main() -> int:
     ap.add_argument(
         "--decode-batches",
         default="64,128",
-        help="batch sizes of the batched decode part (1k tokens of context each)",
+        help="batch sizes of the batched decode part",
+    )
+    ap.add_argument(
+        "--decode-context",
+        type=int,
+        default=1024,
+        help="batched decode: keys each sequence attends at the median timed step (the prompt "
+        "length is set from it and --steps)",
     )
     ap.add_argument("--profile-replays", type=int, default=20, help="0: no kernel profile")
     ap.add_argument(
@@ -418,7 +445,7 @@ def main() -> int:
         add(engine, "b1", 1, max(1, args.b1_context - 72), 8 * args.steps + 200, gen)
         prefill_all(engine)
         timed_steps(engine, 5)
-        modes = decode_modes(engine, args.steps)
+        modes, _ = decode_modes(engine, args.steps)
         tpot = modes["overlap"]
         roof = (weight_bytes + args.b1_context * kv_per_token) / bw
         rows.append(
@@ -520,20 +547,33 @@ def main() -> int:
                     f"span (first kernel start to last kernel end; {gap / 1e3:.3f} ms between "
                     f"kernels); graph's roofline {graph_roof * 1e3:.2f} ms.\n\n" + profile_md
                 )
-    while engine.has_unfinished_requests():
-        engine.abort(
-            [r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)]
-        )
-        engine.step()
+    abort_all(engine)
 
-    # (b) decode at batch 64 and 128 (--decode-batches), 1k context
+    # (b) decode at batch 64 and 128 (--decode-batches), 1k context: each mode on fresh
+    # requests whose median timed step attends --decode-context keys, on average over the batch.
     for batch in () if args.only_b1 else [int(b) for b in args.decode_batches.split(",")]:
-        # Tokens for the timed steps (3 modes), the phase breakdown and the profile: every
-        # request must still be running at the end, or the batch shrinks into a smaller graph.
+        # Tokens for the timed steps, the phase breakdown and the profile: every request must
+        # still be running at the end, or the batch shrinks into a smaller graph.
         ab_tokens = 4 * (args.steps + 5) + 8 if args.pdl_ab else 0
-        add(engine, f"b{batch}", batch, 1024, 3 * args.steps + 60 + args.profile_replays + ab_tokens, gen)
-        prefill_all(engine)
-        modes = decode_modes(engine, args.steps)
+        max_tokens = args.steps + 60 + args.profile_replays + ab_tokens
+
+        def start(prompt_len: int, batch: int = batch, max_tokens: int = max_tokens) -> float:
+            """Fresh requests, prefilled; returns how far past its prompt the mean sequence is
+            (1, plus the decode steps run by requests whose prefill ended before the last's)."""
+            abort_all(engine)
+            add(engine, f"b{batch}-{time.monotonic_ns()}", batch, prompt_len, max_tokens, gen)
+            prefill_all(engine)
+            running = engine.scheduler.running
+            return sum(r.num_tokens for r in running) / len(running) - prompt_len
+
+        # A mode's median step attends prompt + ahead + 5 warm-up + steps / 2 keys on average.
+        ahead = start(args.decode_context - 6 - args.steps // 2)
+        prompt_len = args.decode_context - 5 - args.steps // 2 - round(ahead)
+
+        def restart(prompt_len: int = prompt_len, start=start) -> None:
+            start(prompt_len)
+
+        modes, contexts = decode_modes(engine, args.steps, restart)
         step = modes["overlap"]
         settle(engine)
         pdl_times = pdl_ab(engine, args.steps) if args.pdl_ab and graphs is not None else None
@@ -542,17 +582,17 @@ def main() -> int:
             if args.profile_replays:
                 md, prof = profile_engine_steps(engine, args.profile_replays)
                 profile_md += (
-                    f"\n\nBatch-{batch} decode (ctx ~1k), kernel profile of {args.profile_replays} "
+                    f"\n\nBatch-{batch} decode (ctx ~{args.decode_context}+), kernel profile of {args.profile_replays} "
                     f"engine steps (step overlap off, so each step's kernels are its own): "
                     f"{prof['busy_us'] / 1e3:.3f} ms of kernel time in a {prof['span_us'] / 1e3:.3f} ms "
                     "span a step.\n\n" + md
                 )
-        ctx = 1024 + 10 + 3 * args.steps // 2
+        ctx = contexts["overlap"]
         roof = (weight_bytes + batch * ctx * kv_per_token) / bw
         anchor = f"SGLang {SGLANG_B128_MS} ms (H100)" if batch == 128 else ""
         rows.append(
             [
-                f"decode step, batch {batch}, ctx ~{ctx}",
+                f"decode step, batch {batch}, ctx {ctx:.0f}",
                 f"{step * 1e3:.2f} ms",
                 f"roofline {roof * 1e3:.2f} ms; {batch / step:.0f} tok/s",
                 f"{step / roof:.2f}x roofline {anchor}".strip(),
@@ -569,10 +609,7 @@ def main() -> int:
                     f"PDL on is {off / on:.3f}x faster",
                 ]
             )
-        engine.abort(
-            [r.request_id for r in list(engine.scheduler.running) + list(engine.scheduler.waiting)]
-        )
-        engine.step()
+        abort_all(engine)
 
     # (c) prefill MFU
     hd = cfg.num_heads * cfg.head_dim
