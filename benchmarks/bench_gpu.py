@@ -25,6 +25,7 @@ medians (CUDA events). Prefix caching is off so every prompt is computed.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
@@ -77,7 +78,7 @@ MODES = (("lookahead off", False, False), ("lookahead, no overlap", True, False)
 
 
 def decode_modes(
-    engine: EngineCore, steps: int, restart: Callable[[], None] | None = None
+    engine: EngineCore, steps: int, restart: Callable[[], object] | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Median decode step seconds with step lookahead off, on without step overlap, and on with
     overlap (the default), and the context of each mode's median step (keys a sequence
@@ -566,14 +567,11 @@ def main() -> int:
             running = engine.scheduler.running
             return sum(r.num_tokens for r in running) / len(running) - prompt_len
 
-        # A mode's median step attends prompt + ahead + 5 warm-up + steps / 2 keys on average.
+        # A mode's median step attends prompt + ahead + 5 warm-up + steps / 2 keys on average;
+        # one batch (guessing ahead = 1) measures `ahead` for the prompt length.
         ahead = start(args.decode_context - 6 - args.steps // 2)
         prompt_len = args.decode_context - 5 - args.steps // 2 - round(ahead)
-
-        def restart(prompt_len: int = prompt_len, start=start) -> None:
-            start(prompt_len)
-
-        modes, contexts = decode_modes(engine, args.steps, restart)
+        modes, contexts = decode_modes(engine, args.steps, functools.partial(start, prompt_len))
         step = modes["overlap"]
         settle(engine)
         pdl_times = pdl_ab(engine, args.steps) if args.pdl_ab and graphs is not None else None
