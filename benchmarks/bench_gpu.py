@@ -93,9 +93,14 @@ def decode_modes(
         engine.config.step_lookahead, engine.config.step_overlap = lookahead, overlap
         timed_steps(engine, 5)
         medians[name] = statistics.median(timed_steps(engine, steps))
-        running = engine.scheduler.running
-        contexts[name] = sum(r.num_tokens for r in running) / max(1, len(running)) - steps / 2
+        contexts[name] = mean_length(engine) - steps / 2
     return medians, contexts
+
+
+def mean_length(engine: EngineCore) -> float:
+    """Mean tokens (prompt + generated) of the running requests."""
+    running = engine.scheduler.running
+    return sum(r.num_tokens for r in running) / max(1, len(running))
 
 
 def mode_rows(modes: dict[str, float], roof: float) -> list[list[object]]:
@@ -564,8 +569,7 @@ def main() -> int:
             abort_all(engine)
             add(engine, f"b{batch}-{time.monotonic_ns()}", batch, prompt_len, max_tokens, gen)
             prefill_all(engine)
-            running = engine.scheduler.running
-            return sum(r.num_tokens for r in running) / len(running) - prompt_len
+            return mean_length(engine) - prompt_len
 
         # A mode's median step attends prompt + ahead + 5 warm-up + steps / 2 keys on average;
         # one batch (guessing ahead = 1) measures `ahead` for the prompt length.
