@@ -162,13 +162,23 @@ def recapture(engine: EngineCore) -> None:
     engine.runner.cuda_graphs.recapture()
 
 
-def pdl_ab(engine: EngineCore, steps: int) -> tuple[float, float]:
-    """Median decode step seconds with PDL on and off, in the order on, off, off, on (the
-    context grows a token a step, so the two sides see the same mean context); each side is
-    the mean of its two medians. Leaves the default (on) captured."""
+def set_folded(engine: EngineCore, on: bool) -> None:
+    """Run the layers of the decode graphs without norm kernels (`DecoderLayer._forward_folded`,
+    the default on CUDA) or with them (the usual block: the folded weights and norms of weight
+    one, the same function); recaptures the graphs, which bake the choice in."""
+    settle(engine)
+    for layer in engine.model.layers:
+        layer.norms_folded = on
+    recapture(engine)
+
+
+def knob_ab(engine: EngineCore, steps: int, set_knob) -> tuple[float, float]:
+    """Median decode step seconds with set_knob(engine, True) and (engine, False), in the order
+    on, off, off, on (the context grows a token a step, so the two sides see the same mean
+    context); each side is the mean of its two medians. Leaves the knob on."""
     times: dict[bool, list[float]] = {True: [], False: []}
     for on in (True, False, False, True):
-        set_pdl(engine, on)
+        set_knob(engine, on)
         timed_steps(engine, 5)
         times[on].append(statistics.median(timed_steps(engine, steps)))
     return statistics.mean(times[True]), statistics.mean(times[False])
@@ -397,6 +407,12 @@ def main() -> int:
         help="batched decode: also time the step with PDL off, side by side (on/off/off/on); "
         "PDL covers the fused decode attention (batches up to 32) and the batch-1 GEMVs",
     )
+    ap.add_argument(
+        "--fold-ab",
+        action="store_true",
+        help="batched decode: also time the step with the norm kernels (the RMSNorm weights "
+        "folded either way), side by side (folded path / norm kernels / norm kernels / folded)",
+    )
     args = ap.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -560,7 +576,7 @@ def main() -> int:
     for batch in () if args.only_b1 else [int(b) for b in args.decode_batches.split(",")]:
         # Tokens for the timed steps, the phase breakdown and the profile: every request must
         # still be running at the end, or the batch shrinks into a smaller graph.
-        ab_tokens = 4 * (args.steps + 5) + 8 if args.pdl_ab else 0
+        ab_tokens = (4 * (args.steps + 5) + 8) * (args.pdl_ab + args.fold_ab)
         max_tokens = args.steps + 60 + args.profile_replays + ab_tokens
 
         def start(prompt_len: int, batch: int = batch, max_tokens: int = max_tokens) -> float:
@@ -578,7 +594,9 @@ def main() -> int:
         modes, contexts = decode_modes(engine, args.steps, functools.partial(start, prompt_len))
         step = modes["overlap"]
         settle(engine)
-        pdl_times = pdl_ab(engine, args.steps) if args.pdl_ab and graphs is not None else None
+        pdl_times = knob_ab(engine, args.steps, set_pdl) if args.pdl_ab and graphs is not None else None
+        folded = graphs is not None and engine.model.layers[0].norms_folded
+        fold_times = knob_ab(engine, args.steps, set_folded) if args.fold_ab and folded else None
         if graphs is not None:
             breakdowns[batch] = phase_breakdown(engine, 10)
             if args.profile_replays:
@@ -609,6 +627,16 @@ def main() -> int:
                     f"{off * 1e3:.2f} ms",
                     f"PDL on: {on * 1e3:.2f} ms",
                     f"PDL on is {off / on:.3f}x faster",
+                ]
+            )
+        if fold_times is not None:
+            on, off = fold_times
+            rows.append(
+                [
+                    "  same, with norm kernels (A/B: folded, norms, norms, folded)",
+                    f"{off * 1e3:.2f} ms",
+                    f"folded (no norm kernels): {on * 1e3:.2f} ms",
+                    f"folded is {off / on:.3f}x faster",
                 ]
             )
         abort_all(engine)

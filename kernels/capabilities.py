@@ -200,6 +200,21 @@ def skinny_gemm_enabled() -> bool:
     return os.environ.get("PDSERVE_SKINNY_GEMM", "1") != "0"
 
 
+def fold_norms(model: torch.nn.Module) -> None:
+    """On CUDA: fold the layers' RMSNorm weights into qkv and gate|up (`DecoderLayer.fold_norms`)
+    so the decode batches that take the rotate-and-store kernel run without norm kernels;
+    PDSERVE_FOLD_NORMS=0 leaves the weights as loaded. Logs what it did."""
+    if os.environ.get("PDSERVE_FOLD_NORMS", "1") == "0":
+        log.info("RMSNorm folding off (PDSERVE_FOLD_NORMS=0): every layer runs its two norm kernels")
+        return
+    folded = model.fold_norms()  # type: ignore[operator]
+    if folded:
+        log.info("RMSNorm weights folded into qkv and gate|up in %d layers: batches on the rotate-and-store "
+                 "kernel skip both norm kernels (PDSERVE_FOLD_NORMS=0 keeps them)", folded)
+    else:
+        log.info("RMSNorm weights not folded: the model has a qkv bias")
+
+
 def blas_plan_enabled() -> bool:
     """Whether decode linears may run on cuBLASLt where start-up timing picks it
     (kernels/blas_plan.py); PDSERVE_BLAS_PLAN=0 keeps torch's default library everywhere."""

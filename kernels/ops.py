@@ -26,10 +26,25 @@ def add_rms_norm_ref(
     return rms_norm_ref(s, weight, eps), s
 
 
-def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [T, 2I] -> silu(gate) * up, [T, I]."""
+def rms_factor_ref(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, H] -> [T, 1] float32: each row's RMSNorm factor rsqrt(mean(x^2) + eps)."""
+    xf = x.float()
+    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def silu_and_mul_ref(
+    gate_up: torch.Tensor, norm_of: torch.Tensor | None = None, eps: float = 0.0
+) -> torch.Tensor:
+    """gate_up [T, 2I] -> silu(gate) * up, [T, I]. With `norm_of` [T, H] (the hidden rows that
+    gate|up was projected from by a weight with the RMSNorm weight folded in), gate and up are
+    first scaled by `rms_factor_ref(norm_of)` in float32; silu is rounded to gate_up's dtype
+    before the product either way, as F.silu(gate) * up does."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    if norm_of is None:
+        return F.silu(gate) * up
+    r = rms_factor_ref(norm_of, eps)
+    g, u = gate.float() * r, up.float() * r
+    return (F.silu(g).to(gate_up.dtype).float() * u).to(gate_up.dtype)
 
 
 def fused_linear_ref(

@@ -100,8 +100,9 @@ def rope_store() -> None:
         for dtype in (BF16, F32):
             q, k, v = _zeros(3, hq, d, dtype=dtype), _zeros(3, hkv, d, dtype=dtype), _zeros(3, hkv, d, dtype=dtype)
             cache, slots = _cache(hkv, d, dtype), _zeros(3, dtype=torch.int64)
-            rope_and_store(q, k, v, _zeros(3, dtype=torch.int64), _zeros(64, d, dtype=F32), _zeros(64, d, dtype=F32),
-                           cache, slots)  # fmt: skip
+            for norm_of in (None, _zeros(3, hq * d, dtype=dtype)):  # the folded-norm factor variant
+                rope_and_store(q, k, v, _zeros(3, dtype=torch.int64), _zeros(64, d, dtype=F32),
+                               _zeros(64, d, dtype=F32), cache, slots, norm_of=norm_of, eps=1e-5)  # fmt: skip
             store_kv(k, v, cache, slots)
 
 
@@ -115,6 +116,7 @@ def norms_and_activations() -> None:
             rms_norm(x, _zeros(hidden, dtype=dtype), 1e-5)
             add_rms_norm(x, _zeros(3, hidden, dtype=dtype), _zeros(hidden, dtype=dtype), 1e-5)
             silu_and_mul(_zeros(3, 2 * inter, dtype=dtype))
+            silu_and_mul(_zeros(3, 2 * inter, dtype=dtype), norm_of=x, eps=1e-5)
 
 
 def gemv() -> None:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kernels import ops
+
 if TYPE_CHECKING:
     from server.models.rope import RotaryEmbedding
 
@@ -159,9 +161,29 @@ class AttentionBackend(ABC):
         v: torch.Tensor,
         positions: torch.Tensor,
         rope: RotaryEmbedding,
+        norm_of: torch.Tensor | None = None,
+        eps: float = 0.0,
     ) -> torch.Tensor:
         """`forward` after rotating q and k by `positions` ([num_tokens] int64) with `rope`
         (its precomputed `cos`/`sin` tables [max_positions, head_dim] are what fused kernels
-        read). q/k/v may be strided views of one fused projection output."""
+        read). q/k/v may be strided views of one fused projection output. With `norm_of`
+        ([num_tokens, hidden]: the un-normalised rows q/k/v were projected from, by weights
+        with the RMSNorm weight folded in), q, k and v are first scaled by its rows' RMSNorm
+        factors (`kernels.ops.rms_factor_ref`); here with torch ops, in the store kernel where
+        `fuses_row_scale`."""
+        if norm_of is not None:
+            q, k, v = scale_rows(norm_of, eps, q, k, v)
         q, k = rope(positions, q, k)
         return self.forward(layer, q, k, v)
+
+    def fuses_row_scale(self) -> bool:
+        """Whether `forward_rope` for the planned batch applies `norm_of`'s RMSNorm factors
+        inside its store kernel (no extra launches), so the model may skip its norm kernels."""
+        return False
+
+
+def scale_rows(norm_of: torch.Tensor, eps: float, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each [T, heads, D] tensor of `xs` times `norm_of`'s row RMSNorm factors, in float32,
+    rounded back to its dtype (the unfused path of `AttentionBackend.forward_rope`)."""
+    r = ops.rms_factor_ref(norm_of, eps).unsqueeze(-1)
+    return tuple((x.float() * r).to(x.dtype) for x in xs)

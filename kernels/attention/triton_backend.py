@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention.base import AttentionBackend, AttentionMetadata
+from kernels.attention.base import AttentionBackend, AttentionMetadata, scale_rows
 from kernels.attention.split_kv_decode import SplitKVDecode
 
 
@@ -80,11 +80,19 @@ class TritonAttentionBackend(AttentionBackend):
         self._store(k, v, self._layer_view, m.slot_mapping)
         return self._attend(q)
 
-    def forward_rope(self, layer, q, k, v, positions, rope) -> torch.Tensor:
+    def forward_rope(self, layer, q, k, v, positions, rope, norm_of=None, eps=0.0) -> torch.Tensor:
         m = self.metadata
         assert m is not None, "plan() must be called before forward()"
         self._layer_view = self.kv_cache[:, layer]
         if self._fused_decode and q.dtype == self.kv_cache.dtype:
+            if norm_of is not None:  # not fused there (`fuses_row_scale`): scaled first
+                q, k, v = scale_rows(norm_of, eps, q, k, v)
             return self._split_kv.forward_rope(m, self._layer_view, q, k, v, positions, rope)
-        q = self._rope_store(q, k, v, positions, rope.cos, rope.sin, self._layer_view, m.slot_mapping)
+        q = self._rope_store(q, k, v, positions, rope.cos, rope.sin, self._layer_view, m.slot_mapping,
+                             norm_of=norm_of, eps=eps)
         return self._attend(q)
+
+    def fuses_row_scale(self) -> bool:
+        """The rotate-and-store kernel takes the RMSNorm factors; the fused small-batch decode
+        kernel does not."""
+        return not self._fused_decode

@@ -42,10 +42,10 @@ def _add_rms_norm_dispatch(
     return ops.add_rms_norm_ref(x, residual, weight, eps)
 
 
-def _silu_and_mul_dispatch(gate_up: torch.Tensor) -> torch.Tensor:
+def _silu_and_mul_dispatch(gate_up: torch.Tensor, norm_of: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     if gate_up.is_cuda and gate_up.dim() == 2:
-        return _silu_and_mul(gate_up)
-    return ops.silu_and_mul_ref(gate_up)
+        return _silu_and_mul(gate_up, norm_of, eps)
+    return ops.silu_and_mul_ref(gate_up, norm_of, eps)
 
 
 def _argmax_dispatch(x: torch.Tensor) -> torch.Tensor:

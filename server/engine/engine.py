@@ -12,6 +12,7 @@ import torch
 
 from kernels.attention.selector import select_backend
 from kernels.capabilities import (
+    fold_norms,
     install_fused_ops,
     tune_decode_attention,
     tune_decode_blas,
@@ -94,6 +95,8 @@ class EngineCore:
         loaded = load_model(config.model, self.dtype, self.device, config.max_model_len,
                             progress=config.progress, seed=config.seed)
         self.model = loaded.model
+        if on_cuda:
+            fold_norms(self.model)
         if self.device.type == "cpu":
             from kernels import cpu_ops
             from kernels.cpu_linear import pack_linears

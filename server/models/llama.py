@@ -14,6 +14,7 @@ from torch import nn
 
 from kernels import ops
 from kernels.attention.base import AttentionBackend
+from kernels.blas_plan import linear_add
 from server.models.config import ModelConfig
 from server.models.rope import RotaryEmbedding
 
@@ -48,6 +49,24 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.norms_folded = False  # see fold_norms
+
+    def fold_norms(self) -> None:
+        """Fold the two RMSNorm weights into the linears that read the normed rows: column j of
+        qkv (gate|up) is scaled by the input (post-attention) norm's weight j, and the norm
+        weights become ones. Every path computes the same function after this; the numerics
+        move by one bf16 rounding per weight instead of one per normed activation. Batches whose
+        attention backend `fuses_row_scale` then run `_forward_folded`, which has no norm
+        kernels at all. Models with a qkv bias are left as they are (the factor would have to
+        reach the GEMM's output before the bias)."""
+        if self.qkv_proj.bias is not None or self.norms_folded:
+            return
+        with torch.no_grad():
+            for norm, linear in ((self.input_layernorm, self.qkv_proj),
+                                 (self.post_attention_layernorm, self.gate_up_proj)):
+                linear.weight.mul_(norm.weight.to(linear.weight.dtype))
+                norm.weight.fill_(1.0)
+        self.norms_folded = True
 
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[T, q|k|v] -> q [T, Hq, D], k and v [T, Hkv, D] (views)."""
@@ -68,6 +87,8 @@ class DecoderLayer(nn.Module):
         fuses the preceding add: the hidden state is read once per norm, not twice."""
         if ops.fuses_linears(x):
             return self._forward_fused(x, residual, positions, rope, attn)
+        if self.norms_folded and attn.fuses_row_scale():
+            return self._forward_folded(x, residual, positions, rope, attn)
         q, k, v, residual = self.attn_in(x, residual)
         # Rotary embedding is applied by the backend: fast ones fuse it with the K/V store.
         return self.attn_out(attn.forward_rope(self.layer_id, q, k, v, positions, rope), residual)
@@ -110,6 +131,30 @@ class DecoderLayer(nn.Module):
         return ops.fused_linear(act, self.down_proj.weight, residual=s), None
 
 
+    def _forward_folded(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        attn: AttentionBackend,
+    ) -> tuple[torch.Tensor, None]:
+        """The block after `fold_norms`, for batches whose backend `fuses_row_scale`: qkv and
+        gate|up read the un-normalised sum s, and each row's RMSNorm factor is applied after
+        the GEMM (the factor is a per-row scalar, so it commutes with it) inside the kernels
+        that read their outputs: the rotate-and-store and SiLU·mul. The residual adds run in
+        the o and down GEMMs (beta = 1). Seven kernels a layer instead of nine; returns the
+        summed hidden state and no residual, as `_forward_fused` does."""
+        t = x.shape[0]
+        s = x if residual is None else x + residual
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        q, k, v = self._heads(self.qkv_proj(s))
+        a = attn.forward_rope(self.layer_id, q, k, v, positions, rope, norm_of=s, eps=ln1.eps).reshape(t, -1)
+        s = linear_add(a, self.o_proj.weight, s)
+        act = ops.silu_and_mul(self.gate_up_proj(s), norm_of=s, eps=ln2.eps)
+        return linear_add(act, self.down_proj.weight, s), None
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
         super().__init__()
@@ -140,6 +185,12 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.rope, attn)
         return x, residual
+
+    def fold_norms(self) -> int:
+        """`DecoderLayer.fold_norms` on every layer; returns how many were folded."""
+        for layer in self.layers:
+            layer.fold_norms()
+        return sum(layer.norms_folded for layer in self.layers)
 
     @torch.inference_mode()
     def forward(
