@@ -220,10 +220,11 @@ def test_silu_mul_factor_on_gpu(dtype, tokens, inter, hidden):
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
 @pytest.mark.parametrize("batch", list(BATCHES))
 def test_folded_model_matches_unfolded_on_gpu(backend, batch):
-    """bf16 on the GPU with the Triton ops installed: the folded model against the loaded one, on
-    the 8B model's hidden size: hidden states, stored K/V and logits within bf16 tolerance. The
-    batches on the rotate-and-store kernel (all but the small pure decode, which takes the
-    fused decode kernel) run `_forward_folded`."""
+    """bf16 on the GPU with the Triton ops installed, on the 8B model's hidden size: the folded
+    model and the loaded one against the loaded model in float32 (torch backend). The folded
+    one is within bf16 tolerance and no less accurate than the loaded one (hidden states,
+    stored K/V, logits). The batches on the rotate-and-store kernel (all but the small pure
+    decode, which takes the fused decode kernel) run `_forward_folded`."""
     import kernels.triton as kt
     from kernels.attention.selector import backend_class
 
@@ -235,12 +236,16 @@ def test_folded_model_matches_unfolded_on_gpu(backend, batch):
     model = random_model(cfg, dtype, dev)
     folded = copy.deepcopy(model)
     folded.fold_norms()
+    ref, _ = run(copy.deepcopy(model).float(), cfg, TorchAttentionBackend, batch, torch.float32, dev)
     kt.install()
     try:
-        ref, _ = run(model, cfg, cls, batch, dtype, dev)
+        plain, _ = run(model, cfg, cls, batch, dtype, dev)
         got, took = run(folded, cfg, cls, batch, dtype, dev)
     finally:
         kt.uninstall()
     assert took == (batch != "decode")
-    for a, b in zip(got, ref, strict=True):
-        assert rel_err(a, b.double()) < 2e-2
+    for name, a, p, r in zip(("hidden", "cache", "logits"), got, plain, ref, strict=True):
+        err, plain_err = rel_err(a, r.double()), rel_err(p, r.double())
+        print(f"{backend} {batch} {name}: folded {err:.4f}, loaded {plain_err:.4f} (rel. to float32)")
+        assert err < 3e-2
+        assert err < 1.25 * plain_err + 1e-3

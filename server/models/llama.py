@@ -18,6 +18,13 @@ from kernels.blas_plan import linear_add
 from server.models.config import ModelConfig
 from server.models.rope import RotaryEmbedding
 
+# Batches of up to this many rows run `DecoderLayer._forward_folded` once the norms are folded.
+# Its SiLU·mul re-reads each row's hidden state once per column block: from L2 at decode batch
+# sizes, where dropping two norm launches a layer is the gain, but at thousands of prefill rows
+# those re-reads come from HBM and cost more than the norm kernel (H100, Llama-3.1-8B shape:
+# 1x8192 prefill 254.6 ms folded against 240-245 ms before, 2026-12-06-gpu-llama8b-20.md).
+FOLDED_MAX_ROWS = 256
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -55,9 +62,9 @@ class DecoderLayer(nn.Module):
         """Fold the two RMSNorm weights into the linears that read the normed rows: column j of
         qkv (gate|up) is scaled by the input (post-attention) norm's weight j, and the norm
         weights become ones. Every path computes the same function after this; the numerics
-        move by one bf16 rounding per weight instead of one per normed activation. Batches whose
-        attention backend `fuses_row_scale` then run `_forward_folded`, which has no norm
-        kernels at all. Models with a qkv bias are left as they are (the factor would have to
+        move by one bf16 rounding per weight instead of one per normed activation. Batches of up
+        to FOLDED_MAX_ROWS rows whose attention backend `fuses_row_scale` then run
+        `_forward_folded`, which has no norm kernels at all. Models with a qkv bias are left as they are (the factor would have to
         reach the GEMM's output before the bias)."""
         if self.qkv_proj.bias is not None or self.norms_folded:
             return
@@ -87,7 +94,7 @@ class DecoderLayer(nn.Module):
         fuses the preceding add: the hidden state is read once per norm, not twice."""
         if ops.fuses_linears(x):
             return self._forward_fused(x, residual, positions, rope, attn)
-        if self.norms_folded and attn.fuses_row_scale():
+        if self.norms_folded and x.shape[0] <= FOLDED_MAX_ROWS and attn.fuses_row_scale():
             return self._forward_folded(x, residual, positions, rope, attn)
         q, k, v, residual = self.attn_in(x, residual)
         # Rotary embedding is applied by the backend: fast ones fuse it with the K/V store.
