@@ -14,7 +14,7 @@ from torch import nn
 
 from kernels import ops
 from kernels.attention.base import AttentionBackend
-from kernels.blas_plan import linear_add
+from kernels.blas_plan import linear_add_
 from server.models.config import ModelConfig
 from server.models.rope import RotaryEmbedding
 
@@ -150,16 +150,18 @@ class DecoderLayer(nn.Module):
         gate|up read the un-normalised sum s, and each row's RMSNorm factor is applied after
         the GEMM (the factor is a per-row scalar, so it commutes with it) inside the kernels
         that read their outputs: the rotate-and-store and SiLU·mul. The residual adds run in
-        the o and down GEMMs (beta = 1). Seven kernels a layer instead of nine; returns the
-        summed hidden state and no residual, as `_forward_fused` does."""
+        the o and down GEMMs (beta = 1), in place: with no residual, `x` (the embedding's
+        output or the previous layer's sum, which nothing else reads) is updated. Seven kernels
+        a layer instead of nine; returns the summed hidden state and no residual, as
+        `_forward_fused` does."""
         t = x.shape[0]
         s = x if residual is None else x + residual
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
         q, k, v = self._heads(self.qkv_proj(s))
         a = attn.forward_rope(self.layer_id, q, k, v, positions, rope, norm_of=s, eps=ln1.eps).reshape(t, -1)
-        s = linear_add(a, self.o_proj.weight, s)
+        linear_add_(s, a, self.o_proj.weight)
         act = ops.silu_and_mul(self.gate_up_proj(s), norm_of=s, eps=ln2.eps)
-        return linear_add(act, self.down_proj.weight, s), None
+        return linear_add_(s, act, self.down_proj.weight), None
 
 
 class LlamaForCausalLM(nn.Module):
