@@ -83,7 +83,10 @@ class AttentionBackend(ABC):
         returns [num_tokens, num_heads * head_dim], dtype of q.
     - `forward_rope(layer, q, k, v, positions, rope)` is `forward` with the rotary embedding
       applied to q and k first; the default rotates with `rope` and calls `forward`, backends
-      with a fused rotate-and-store kernel override it. The model calls this one.
+      with a fused rotate-and-store kernel override it. The model calls this one. With
+      `norm_of=s, eps=...`, q/k/v were projected from the un-normalised rows s (RMSNorm
+      weights folded into the projection) and are first scaled by each row's RMSNorm factor;
+      `fuses_row_scale()` says whether that costs no extra kernel for the planned batch.
     - CUDA graphs (`supports_cuda_graphs`): a backend that sets it keeps every tensor its
       `forward` reads for a pure-decode batch either in the metadata it was planned with or in
       buffers it owns at fixed addresses, so a graph captured after `plan_cuda_graph(m)`
