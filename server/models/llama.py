@@ -21,8 +21,8 @@ from server.models.rope import RotaryEmbedding
 # Batches of up to this many rows run `DecoderLayer._forward_folded` once the norms are folded.
 # Its SiLU·mul re-reads each row's hidden state once per column block: from L2 at decode batch
 # sizes, where dropping two norm launches a layer is the gain, but at thousands of prefill rows
-# those re-reads come from HBM and cost more than the norm kernel (H100, Llama-3.1-8B shape:
-# 1x8192 prefill 254.6 ms folded against 240-245 ms before, 2026-12-06-gpu-llama8b-20.md).
+# those re-reads come from HBM and cost more than the norm kernel (Llama-3.1-8B shape, one H100:
+# 1x8192 prefill 254.6 ms on the folded block, 246.4 ms on the norm kernels; -20.md's notes).
 FOLDED_MAX_ROWS = 256
 
 
@@ -64,8 +64,8 @@ class DecoderLayer(nn.Module):
         weights become ones. Every path computes the same function after this; the numerics
         move by one bf16 rounding per weight instead of one per normed activation. Batches of up
         to FOLDED_MAX_ROWS rows whose attention backend `fuses_row_scale` then run
-        `_forward_folded`, which has no norm kernels at all. Models with a qkv bias are left as they are (the factor would have to
-        reach the GEMM's output before the bias)."""
+        `_forward_folded`, which has no norm kernels at all. Models with a qkv bias are left as
+        they are (the factor would have to reach the GEMM's output before the bias)."""
         if self.qkv_proj.bias is not None or self.norms_folded:
             return
         with torch.no_grad():
@@ -136,7 +136,6 @@ class DecoderLayer(nn.Module):
         act = ops.fused_linear(s, self.gate_up_proj.weight, norm_weight=ln2.weight, eps=ln2.eps,
                                silu_mul=True)
         return ops.fused_linear(act, self.down_proj.weight, residual=s), None
-
 
     def _forward_folded(
         self,
