@@ -21,8 +21,9 @@ from server.models.rope import RotaryEmbedding
 # Batches of up to this many rows run `DecoderLayer._forward_folded` once the norms are folded.
 # Its SiLU·mul re-reads each row's hidden state once per column block: from L2 at decode batch
 # sizes, where dropping two norm launches a layer is the gain, but at thousands of prefill rows
-# those re-reads come from HBM and cost more than the norm kernel (Llama-3.1-8B shape, one H100:
-# 1x8192 prefill 254.6 ms on the folded block, 246.4 ms on the norm kernels; -20.md's notes).
+# those re-reads come from HBM and cost more than the norm kernel (Llama-3.1-8B shape, two H100s
+# of the same copy rate: 1x8192 prefill 254.6 ms on the folded block, 246.4 ms on the norm
+# kernels; 2026-12-06-gpu-llama8b-20.md's notes).
 FOLDED_MAX_ROWS = 256
 
 
