@@ -240,9 +240,10 @@ def tune_decode_blas(model: torch.nn.Module, rows: list[int]) -> None:
     log.info("BLAS plan tuned in %.1f s", time.perf_counter() - t0)
 
 
-def tune_decode_linears(model: torch.nn.Module, rows: list[int]) -> None:
+def tune_decode_linears(model: torch.nn.Module, rows: list[int], folded_rows: list[int]) -> None:
     """With the Triton ops installed: time the skinny GEMM against cuBLAS for the decode
-    batches of `rows` rows and plan the winners; logs what was picked and how long it took."""
+    batches of `rows` rows and plan the winners, against the folded block (no norm kernels)
+    for those of `folded_rows`; logs what was picked and how long it took."""
     from kernels import ops
 
     if ops.fused_linear is ops.fused_linear_ref:  # the Triton ops are not installed
@@ -254,6 +255,6 @@ def tune_decode_linears(model: torch.nn.Module, rows: list[int]) -> None:
         log.info("skinny GEMM off (PDSERVE_SKINNY_GEMM=0): decode batches use cuBLAS")
         return
     t0 = time.perf_counter()
-    for line in skinny_plan.tune(model.layers, rows):
+    for line in skinny_plan.tune(model.layers, rows, folded_rows):
         log.info("%s", line)
     log.info("skinny GEMM tuned in %.1f s", time.perf_counter() - t0)

@@ -41,6 +41,9 @@ class RowScalingTorchBackend(TorchAttentionBackend):
     def fuses_row_scale(self) -> bool:
         return True
 
+    def decode_fuses_row_scale(self, num_seqs: int) -> bool:
+        return True
+
 
 def tiny_config(hidden: int, inter: int, heads: int, kv_heads: int, bias: bool = False):
     return dataclasses.replace(
@@ -130,6 +133,24 @@ def test_folded_model_is_the_same_function_on_cpu(batch):
     assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
     # The unfolded model never takes the folded path, whatever the backend says.
     assert torch.equal(run(model, cfg, RowScalingTorchBackend, batch, torch.float32, cpu)[0][2], ref[2])
+
+
+def test_folded_decode_rows():
+    """The decode batch sizes the skinny-GEMM plan must time against the folded block: those
+    of a folded model up to FOLDED_MAX_ROWS whose backend takes the factors at that size."""
+    from server.models.llama import FOLDED_MAX_ROWS
+
+    cfg = tiny_config(64, 96, 4, 2)
+    model = random_model(cfg, torch.float32, torch.device("cpu"))
+    cache = random_cache(4, cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32,
+                         torch.device("cpu"), torch.Generator().manual_seed(0))
+    scaling = RowScalingTorchBackend(cache, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    plain = TorchAttentionBackend(cache, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    rows = [1, 2, 64, FOLDED_MAX_ROWS, 2 * FOLDED_MAX_ROWS]
+    assert model.folded_decode_rows(rows, scaling) == []  # not folded
+    model.fold_norms()
+    assert model.folded_decode_rows(rows, scaling) == rows[:-1]
+    assert model.folded_decode_rows(rows, plain) == []  # the torch backend scales with extra ops
 
 
 def _rope_store_case(rope_store, dtype, device, tokens=37, hq=8, hkv=2, dim=64, hidden=200):
@@ -249,3 +270,22 @@ def test_folded_model_matches_unfolded_on_gpu(backend, batch):
         print(f"{backend} {batch} {name}: folded {err:.4f}, loaded {plain_err:.4f} (rel. to float32)")
         assert err < 3e-2
         assert err < 1.25 * plain_err + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_decode_fuses_row_scale_is_what_the_plan_gives(backend):
+    """`decode_fuses_row_scale(n)`, asked at start-up, is `fuses_row_scale()` once a pure-decode
+    batch of n sequences is planned: no for the fused split-KV decode kernel's batches."""
+    from kernels.attention.selector import backend_class
+
+    if backend == "flashinfer":
+        pytest.importorskip("flashinfer")
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    cache = random_cache(512, 2, 16, 2, 64, torch.bfloat16, dev, gen)
+    for max_batch in (0, 32):
+        attn = backend_class(backend)(cache, 8, 2, 64, split_kv_decode_max_batch=max_batch)
+        for n in (1, 32, 33, 64, 128):
+            attn.plan(make_batch([1] * n, [5] * n, 16, 512, dev, gen))
+            assert attn.decode_fuses_row_scale(n) == attn.fuses_row_scale() == (n > max_batch), (max_batch, n)

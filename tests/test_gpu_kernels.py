@@ -711,10 +711,12 @@ def test_multi_row_fused_linear(m, kind, gen):
 
 def test_skinny_plan_tune(gen):
     """tune() times every kind at the row counts asked for (2..64; others skipped), installs
-    only winners as plan entries for those shapes, and fuses_linears follows the plan."""
+    only winners as plan entries for those shapes, and fuses_linears follows the plan. Row
+    counts of the folded block are timed against it, the fused path's norm kernels counted."""
     from torch import nn
 
     from kernels.triton import install, skinny_plan
+    from server.models.llama import RMSNorm
 
     install()
 
@@ -724,11 +726,14 @@ def test_skinny_plan_tune(gen):
             self.o_proj = nn.Linear(512, 512, bias=False)
             self.gate_up_proj = nn.Linear(512, 2 * 1024, bias=False)
             self.down_proj = nn.Linear(1024, 512, bias=False)
+            self.input_layernorm = RMSNorm(512, 1e-5)
+            self.post_attention_layernorm = RMSNorm(512, 1e-5)
 
     layers = nn.ModuleList(Layer() for _ in range(4)).to(DEV, torch.bfloat16)
     try:
-        lines = skinny_plan.tune(layers, [1, 2, 16, 64, 128])
+        lines = skinny_plan.tune(layers, [1, 2, 16, 64, 128], folded_rows=[64, 128])
         assert [line.split(" rows")[0] for line in lines] == [f"skinny GEMM at {m}" for m in (2, 16, 64)]
+        assert "us unfused: o " in lines[1] and "us folded: norms " in lines[2], lines
         shapes = {(512, 512, False, True), (2048, 512, True, False), (512, 1024, False, True)}
         for m, n, k, gated, res in skinny_plan._PLAN:
             assert m in (2, 16, 64) and (n, k, gated, res) in shapes

@@ -184,6 +184,11 @@ class AttentionBackend(ABC):
         inside its store kernel (no extra launches), so the model may skip its norm kernels."""
         return False
 
+    def decode_fuses_row_scale(self, num_seqs: int) -> bool:
+        """`fuses_row_scale` as it will be for a pure-decode batch of `num_seqs` sequences,
+        asked before any such batch is planned (the start-up tuners)."""
+        return False
+
 
 def scale_rows(norm_of: torch.Tensor, eps: float, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each [T, heads, D] tensor of `xs` times `norm_of`'s row RMSNorm factors, in float32,

@@ -81,7 +81,11 @@ class SplitKVDecode:
 
     def applies(self, m: AttentionMetadata) -> bool:
         """A pure-decode batch (one new token per sequence) of 1..max_batch sequences."""
-        return m.num_decode_seqs == m.num_seqs == m.num_tokens and 0 < m.num_seqs <= self.max_batch
+        return m.num_decode_seqs == m.num_seqs == m.num_tokens and self.covers(m.num_seqs)
+
+    def covers(self, num_seqs: int) -> bool:
+        """Whether a pure-decode batch of `num_seqs` sequences runs this kernel."""
+        return 0 < num_seqs <= self.max_batch
 
     def forward_rope(
         self,

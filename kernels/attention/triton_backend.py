@@ -96,3 +96,6 @@ class TritonAttentionBackend(AttentionBackend):
         """The rotate-and-store kernel takes the RMSNorm factors; the fused small-batch decode
         kernel does not."""
         return not self._fused_decode
+
+    def decode_fuses_row_scale(self, num_seqs: int) -> bool:
+        return self._split_kv is None or not self._split_kv.covers(num_seqs)

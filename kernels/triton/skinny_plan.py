@@ -16,6 +16,13 @@ qkv always takes cuBLAS (it lost to cuBLAS at 16-128 rows on the H200). Each can
 as a CUDA graph of one call per layer (the model's 32 different weights, as the decode graph
 streams them: no L2 reuse), the cuBLAS side including its separate SiLU·mul / add kernels.
 
+Where the model's RMSNorm weights are folded into qkv and gate|up (`DecoderLayer.fold_norms`),
+decode batches off the fused layer path run `DecoderLayer._forward_folded`: no norm kernels,
+the residual adds inside the o / down GEMMs (beta = 1), the norm factor inside SiLU·mul. For
+those row counts (`folded_rows`) the fused path is timed with its two norm kernels and against
+that block's linears. Only the rotate-and-store kernel's extra read of the hidden state for the
+norm factor is left out (a [rows, hidden] read per layer, under 1 us at 64 rows of 4096).
+
 The plan is process-wide (`kernels.ops.fuses_linears` asks it which row counts run the fused
 layer path) and only covers the row counts tuned: the decode CUDA-graph buckets.
 """
@@ -84,8 +91,29 @@ def _time_kind(x, weights, gated: bool, r, cfg: SkinnyConfig | None) -> float:
                      len(weights))
 
 
+def _time_folded(x, weights, gated: bool, r, eps: float) -> float:
+    """us per call of one linear as `DecoderLayer._forward_folded` runs it: gate|up then SiLU·mul
+    with x's rows' norm factors, o / down as an in-place GEMM into the residual."""
+    from kernels.triton.silu_mul import silu_and_mul
+
+    if gated:
+        return graph_us(lambda i: silu_and_mul(blas_plan.linear(x, weights[i]), x, eps), len(weights))
+    return graph_us(lambda i: blas_plan.linear_add_(r, x, weights[i]), len(weights))
+
+
+def _time_norms(h, layers) -> float:
+    """us per layer of the fused path's two RMSNorm kernels (before qkv and gate|up)."""
+    from kernels.triton.rms_norm import rms_norm
+
+    def norms(i: int) -> None:
+        for norm in (layers[i].input_layernorm, layers[i].post_attention_layernorm):
+            rms_norm(h, norm.weight, norm.eps)
+
+    return graph_us(norms, len(layers))
+
+
 @torch.inference_mode()
-def tune(layers: Iterable[torch.nn.Module], rows: Iterable[int]) -> list[str]:
+def tune(layers: Iterable[torch.nn.Module], rows: Iterable[int], folded_rows: Iterable[int] = ()) -> list[str]:
     """Time cuBLAS against the candidate tiles for each decode layer linear at each row count
     in `rows` (2..MAX_TUNED_ROWS; others are skipped), install the winners (`set_plan`) and
     return one line per row count saying what was picked and the times.
@@ -93,7 +121,10 @@ def tune(layers: Iterable[torch.nn.Module], rows: Iterable[int]) -> list[str]:
     A row count goes onto the fused layer path (`planned_rows`) only if its three linears
     there (each the faster of skinny and cuBLAS + a separate SiLU·mul / residual add kernel)
     beat the unfused path's (cuBLAS, the residual adds folded into the next norms): a lone
-    winning tile need not pay for the add kernels the others then need. Each skinny tile has
+    winning tile need not pay for the add kernels the others then need. For row counts in
+    `folded_rows` the other path is the folded block (module docstring): its linears are timed
+    as it runs them, and the fused path's two norm kernels are counted, which it alone runs
+    (the layers need `input_layernorm` / `post_attention_layernorm` then). Each skinny tile has
     already won its own linear by MIN_GAIN, so the layer needs no second margin: with one
     (H100, 64 rows, 146.5 vs 148.6 us) the unfused path was kept and the engine's batch-64
     step ran 9.44 ms against 9.36 ms on the fused path (2026-12-06-skinny-layer-margin.md)."""
@@ -108,21 +139,33 @@ def tune(layers: Iterable[torch.nn.Module], rows: Iterable[int]) -> list[str]:
         set_plan({})
         return [f"skinny GEMM: not tuned ({w0.dtype} on {w0.device.type})"]
     gen = torch.Generator(device=w0.device).manual_seed(0)
+    folded_rows = frozenset(folded_rows)
+    eps = getattr(getattr(layers[0], "post_attention_layernorm", None), "eps", 1e-5)
     plan: dict[Key, SkinnyConfig] = {}
     lines = []
     for m in sorted(set(rows)):
         if not 2 <= m <= min(MAX_TUNED_ROWS, MAX_ROWS):
             continue
+        folded = m in folded_rows
+        other = "folded" if folded else "unfused"
         parts, chosen = [], {}
         fused_us = unfused_us = 0.0
+        if folded:
+            h = torch.randn(m, w0.shape[0], generator=gen, device=w0.device).to(w0.dtype)
+            norms_us = _time_norms(h, layers)
+            fused_us += norms_us
+            parts.append(f"norms {norms_us:.1f} us")
         for name, (weights, gated, res) in kinds.items():
             n_rows, k = weights[0].shape
             n = n_rows // 2 if gated else n_rows
             x = torch.randn(m, k, generator=gen, device=w0.device).to(w0.dtype)
             r = torch.randn(m, n, generator=gen, device=w0.device).to(w0.dtype) if res else None
             base = _time_kind(x, weights, gated, r, None)
-            # The unfused layer path adds the residual inside the next norm: no add kernel.
-            unfused_us += _time_kind(x, weights, gated, None, None) if res else base
+            if folded:
+                unfused_us += _time_folded(x, weights, gated, r, eps)
+            else:
+                # The unfused layer path adds the residual inside the next norm: no add kernel.
+                unfused_us += _time_kind(x, weights, gated, None, None) if res else base
             best, best_us = None, base
             for cfg in CANDIDATES["gated" if gated else "residual"]:
                 try:
@@ -136,12 +179,12 @@ def tune(layers: Iterable[torch.nn.Module], rows: Iterable[int]) -> list[str]:
                 chosen[(m, n_rows, k, gated, res)] = best
             parts.append(f"{name} {'cuBLAS' if best is None else 'skinny'} {best_us:.1f} us"
                          f" (cuBLAS {base:.1f})")
-        # The row count takes the fused layer path only if it beats the unfused one as a whole.
+        # The row count takes the fused layer path only if it beats the other one as a whole.
         take = bool(chosen) and fused_us < unfused_us
         if take:
             plan.update(chosen)
-        lines.append(f"skinny GEMM at {m} rows: {'fused' if take else 'unfused'} layer path, "
-                     f"{fused_us:.1f} vs {unfused_us:.1f} us unfused: " + ", ".join(parts))
+        lines.append(f"skinny GEMM at {m} rows: {'fused' if take else other} layer path, "
+                     f"{fused_us:.1f} vs {unfused_us:.1f} us {other}: " + ", ".join(parts))
     set_plan(plan)
     torch.cuda.empty_cache()  # the timing graphs' buffers: the KV cache was sized before this ran
     return lines

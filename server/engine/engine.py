@@ -156,7 +156,7 @@ class EngineCore:
         graphs = None
         if use_graphs:
             tune_decode_blas(self.model, sizes)  # first: the skinny GEMM is timed against it
-            tune_decode_linears(self.model, sizes)
+            tune_decode_linears(self.model, sizes, self.model.folded_decode_rows(sizes, self.attn))
             graphs = CudaGraphRunner(self.model, self.attn, config.block_size, graph_sizes, max_len,
                                      dummy_block=num_blocks, device=self.device)
             graphs.capture()

@@ -201,6 +201,14 @@ class LlamaForCausalLM(nn.Module):
             layer.fold_norms()
         return sum(layer.norms_folded for layer in self.layers)
 
+    def folded_decode_rows(self, rows: Iterable[int], attn: AttentionBackend) -> list[int]:
+        """The decode batch sizes among `rows` whose layers run `_forward_folded`, unless the
+        skinny-GEMM plan puts them on the fused layer path (`DecoderLayer.forward`): what that
+        plan must time its fused path against."""
+        if not all(layer.norms_folded for layer in self.layers):
+            return []
+        return [m for m in rows if m <= FOLDED_MAX_ROWS and attn.decode_fuses_row_scale(m)]
+
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
