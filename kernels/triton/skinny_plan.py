@@ -140,7 +140,7 @@ def tune(layers: Iterable[torch.nn.Module], rows: Iterable[int], folded_rows: It
         return [f"skinny GEMM: not tuned ({w0.dtype} on {w0.device.type})"]
     gen = torch.Generator(device=w0.device).manual_seed(0)
     folded_rows = frozenset(folded_rows)
-    eps = getattr(getattr(layers[0], "post_attention_layernorm", None), "eps", 1e-5)
+    eps = layers[0].post_attention_layernorm.eps if folded_rows else 0.0
     plan: dict[Key, SkinnyConfig] = {}
     lines = []
     for m in sorted(set(rows)):
